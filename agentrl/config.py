@@ -1,0 +1,195 @@
+"""Typed recipe sections and ``load_recipe``: YAML + ``--section.key=value`` overrides, strict about keys.
+
+Every key a recipe may hold is a dataclass field below; an unknown key is an error that names it (with a
+close match when there is one), so a typo can never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "runs/tiny-model"  # a from_pretrained directory; built here when missing and `build` is set
+    build: str | None = "tiny"  # tiny-model size to build at `path` if it does not exist (None: never build)
+
+
+@dataclass
+class EnvConfig:
+    name: str = "calculator"  # name in the environments table, or "module:Class"
+    weight: float = 1.0  # share of sampled task instances
+    reward: str = "env_reward"  # name in the rewards table, or "module:function"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = True
+    examples_per_env: int = 1000  # oracle traces per environment (train split)
+    epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_ratio: float = 0.05
+    max_length: int = 1024
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    tasks_per_step: int = 8  # task instances per step (each sampled group_size times)
+    group_size: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 64  # per assistant turn
+    max_turns: int = 6
+    max_total_tokens: int = 1024
+    max_batch: int = 64  # sequences per batched generate call
+    max_error_rate: float = 0.5  # abort when more than this share of a step's episodes are env/policy errors
+
+
+@dataclass
+class AlgoConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0  # k3 KL to the reference (the same model with the adapter disabled)
+    scale_by_std: bool = False  # divide group advantages by the group's std (original GRPO)
+    task_norm: bool = True  # per-task advantage normalization with running statistics
+    task_norm_momentum: float = 0.1  # 1.0 = per-batch statistics only
+    micro_batch_size: int = 16  # sequences per forward/backward
+    epochs: int = 1  # optimisation passes over each step's batch
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/quickstart"
+    steps: int = 20
+    seed: int = 0
+    save_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    log_every: int = 1
+    resume: str | None = None  # a checkpoint dir, or "auto" for the latest under output_dir
+
+
+@dataclass
+class EvalConfig:
+    limit: int = 100  # test tasks per environment
+    temperature: float = 0.0
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    envs: list[EnvConfig] = field(default_factory=lambda: [EnvConfig()])
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and not (isinstance(value, annotation)
+                                                       and not (annotation is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {names}"
+            full = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"unknown recipe key {full!r}{hint}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()})
+
+
+def _apply_override(data: dict, override: str) -> None:
+    text = override[2:] if override.startswith("--") else override
+    if "=" not in text:
+        raise ConfigError(f"override {override!r} must look like --section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe YAML (or the defaults when ``path`` is None) and apply overrides.
+
+    Args:
+        path: the YAML file.
+        overrides: strings like ``"--rollout.group_size=4"`` or ``"envs.0.weight=2"``; values are YAML.
+
+    Example:
+        >>> load_recipe(None, ["--train.steps=3"]).train.steps
+        3
+    """
+    data = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of sections")
+    for override in overrides:
+        _apply_override(data, override)
+    return _build(Recipe, data, "")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)

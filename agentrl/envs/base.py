@@ -1,0 +1,151 @@
+"""The Environment protocol and ToolEnvironment, the small base that derives tools from typed methods.
+
+An environment instance serves one episode at a time: ``reset(task)`` returns the opening messages,
+``step(call)`` runs one tool call. Tools are methods marked with :func:`tool`; their JSON schemas are
+derived from annotations and docstrings. Task generation (seeded train/test splits with a version) and the
+oracle (a scripted expert) live on the same class so one definition serves training, evaluation and SFT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+from agentrl.envs.schema import check_arguments, function_schema
+from agentrl.types import Message, StepResult, Task, ToolCall, ToolSpec
+
+TRUNCATION_MARKER = "\n...[output truncated]"
+
+
+def tool(fn: Callable[..., str]) -> Callable[..., str]:
+    """Mark a method as a tool the model can call. It must be typed, docstringed and return a string."""
+    fn.__agentrl_tool__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """What the rollout engine needs from an environment (in-process or remote)."""
+
+    name: str
+
+    def tools(self) -> list[ToolSpec]: ...
+
+    def reset(self, task: Task) -> list[Message]: ...
+
+    def step(self, call: ToolCall) -> StepResult: ...
+
+    def close(self) -> None: ...
+
+
+def task_rng(*parts: Any) -> random.Random:
+    """A Random seeded from a stable hash of ``parts`` (Python's ``hash`` is salted per process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+class ToolEnvironment:
+    """Base for environments whose tools are typed methods.
+
+    Subclasses set ``name``, ``version`` and ``system_prompt``, mark tools with :func:`tool`, call
+    :meth:`finish` from the tool that ends the episode, and implement ``make_task`` and ``oracle``.
+    Tool methods may raise: the rollout engine records that as an ``env_error`` episode. Bad calls
+    (unknown tool, wrong arguments) are not exceptions: they come back as error observations.
+
+    Example:
+        >>> class Echo(ToolEnvironment):
+        ...     name, version, system_prompt = "echo", "echo-v1", "Repeat the word."
+        ...     @tool
+        ...     def say(self, word: str) -> str:
+        ...         '''Say a word.
+        ...
+        ...         Args:
+        ...             word: the word.
+        ...         '''
+        ...         self.finish(reward=float(word == self.task.data["word"]), success=word == self.task.data["word"])
+        ...         return "ok"
+        >>> [t["function"]["name"] for t in Echo().tools()]
+        ['say']
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    system_prompt: ClassVar[str]
+    split_sizes: ClassVar[dict[str, int]] = {"train": 100_000, "test": 200}
+    max_observation_chars: ClassVar[int] = 2000
+
+    def __init__(self) -> None:
+        self._methods = {
+            attr: getattr(self, attr)
+            for attr in dir(type(self))
+            if getattr(getattr(type(self), attr), "__agentrl_tool__", False)
+        }
+        self._specs = {name: function_schema(method, name) for name, method in self._methods.items()}
+        self.task: Task | None = None
+        self.done = False
+        self.reward: float | None = None
+        self.info: dict[str, Any] = {}
+
+    # --- episode side -------------------------------------------------------------------------
+    def tools(self) -> list[ToolSpec]:
+        return list(self._specs.values())
+
+    def reset(self, task: Task) -> list[Message]:
+        if task.env != self.name:
+            raise ValueError(f"{self.name} cannot run task {task.id}")
+        self.task, self.done, self.reward = task, False, None
+        self.info = {"tool_errors": 0, "tool_calls": 0}
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": task.prompt}]
+
+    def finish(self, reward: float, success: bool) -> None:
+        """End the episode with a reward; called from inside the tool that completes the task."""
+        self.done, self.reward = True, float(reward)
+        self.info["success"] = bool(success)
+
+    def error(self, message: str) -> StepResult:
+        self.info["tool_errors"] += 1
+        return StepResult(observation=f"Error: {message}", info={"tool_error": message})
+
+    def step(self, call: ToolCall) -> StepResult:
+        if self.task is None:
+            raise RuntimeError(f"{self.name}: step() before reset()")
+        self.info["tool_calls"] += 1
+        if self.done:
+            return self.error("the episode is already finished")
+        if call.name not in self._specs:
+            return self.error(f"unknown tool {call.name!r}; available tools: {sorted(self._specs)}")
+        problem = check_arguments(self._specs[call.name], call.arguments)
+        if problem:
+            return self.error(problem)
+        observation = self._methods[call.name](**call.arguments)
+        if not isinstance(observation, str):
+            raise TypeError(f"tool {call.name} returned {type(observation).__name__}, not str")
+        if len(observation) > self.max_observation_chars:
+            observation = observation[: self.max_observation_chars] + TRUNCATION_MARKER
+        if not self.done:
+            return StepResult(observation=observation)
+        return StepResult(observation=observation, reward=self.reward, done=True, info=dict(self.info))
+
+    def close(self) -> None:
+        """Release resources (nothing for in-memory environments)."""
+
+    # --- task side ----------------------------------------------------------------------------
+    def tasks(self, split: str, n: int | None = None, start: int = 0) -> list[Task]:
+        """Tasks ``start .. start+n`` of a split; deterministic for a given version."""
+        if split not in self.split_sizes:
+            raise ValueError(f"{self.name} has splits {sorted(self.split_sizes)}, not {split!r}")
+        size = self.split_sizes[split]
+        stop = size if n is None else min(size, start + n)
+        return [self.task_at(split, i) for i in range(start, stop)]
+
+    def task_at(self, split: str, index: int) -> Task:
+        return self.make_task(task_rng(self.version, split, index), split, index)
+
+    def make_task(self, rng: random.Random, split: str, index: int) -> Task:
+        """Build one task from a seeded ``rng``. Train and test must not share task content."""
+        raise NotImplementedError
+
+    def oracle(self, task: Task) -> list[ToolCall]:
+        """The scripted expert's tool calls for ``task`` (it may read ``task.data``)."""
+        raise NotImplementedError

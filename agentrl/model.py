@@ -1,0 +1,136 @@
+"""Build a tiny Qwen2 causal LM and a byte-level BPE tokenizer locally, in seconds, with no network.
+
+The tokenizer carries the Qwen2.5 tool-calling chat template, read from the installed ``trl`` package so
+trl recognises it (its SFT training template and tool-call parser key on the exact text).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+PAD, EOS, BOS = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+# Qwen2's pre-tokenizer pattern: digits stay single tokens, which makes copying numbers learnable.
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+# "tiny" is the smallest shape vLLM's CPU backend serves (head_dim 32); "micro" (head_dim 16) is for unit tests.
+SHAPES = {
+    "micro": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+    "tiny": ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
+    "small": ModelShape(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768),
+}
+
+
+def qwen25_chat_template() -> str:
+    """The Qwen2.5 tool-calling template text as shipped by trl."""
+    return resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text(encoding="utf-8")
+
+
+def generic_corpus(n: int, seed: int = 0) -> Iterable[str]:
+    """Filler text with words, numbers and JSON so the BPE has a general alphabet of merges."""
+    rng = random.Random(seed)
+    words = ("the a key value answer tool call result number start chain follow hops apples books has buys "
+             "gives more left how many what is total each error unknown argument expression calculate get "
+             "function name arguments type object string integer required description properties").split()
+    for _ in range(n):
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+        payload = {"name": rng.choice(words), "arguments": {rng.choice(words): rng.randint(0, 99999)}}
+        yield f"{sentence.capitalize()} {rng.randint(0, 10**6)}. {json.dumps(payload)}\n"
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``corpus`` and wrap it as a chat tokenizer with the Qwen2.5 template."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    core.decoder = decoders.ByteLevel()
+    specials = [PAD, BOS, EOS] + TOOL_TOKENS
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD,
+                                        additional_special_tokens=[BOS] + TOOL_TOKENS)
+    tokenizer.chat_template = qwen25_chat_template()
+    return tokenizer
+
+
+def environment_corpus(tokenizer_template: str, env_names: list[str], per_env: int) -> list[str]:
+    """Rendered oracle conversations of the given environments, so merges fit the text the model will see."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from agentrl.envs import make_env
+    from agentrl.rollout.traces import oracle_conversation
+
+    texts = []
+    for name in env_names:
+        env = make_env(name)
+        for task in env.tasks("train", per_env):
+            conversation = oracle_conversation(env, task)
+            rendered, _ = render_jinja_template([conversation.messages], tools=conversation.tools,
+                                                chat_template=tokenizer_template)
+            texts.append(rendered[0])
+    return texts
+
+
+def build_tiny_model(output: str | Path, size: str = "tiny", env_names: list[str] | None = None,
+                     vocab_size: int = 3000, seed: int = 0, max_positions: int = 2048) -> Path:
+    """Write a random-init Qwen2 model and its tokenizer to ``output``.
+
+    Args:
+        output: directory to create (``from_pretrained``-loadable).
+        size: one of ``SHAPES`` ("micro", "tiny", "small").
+        env_names: environments whose oracle conversations join the tokenizer corpus (default: all in the
+            ``environments`` table).
+        vocab_size: BPE vocabulary size including special tokens.
+        seed: seeds the corpus and the weight init.
+        max_positions: context length.
+
+    Example:
+        >>> path = build_tiny_model("/tmp/agentrl-tiny", size="micro")  # doctest: +SKIP
+    """
+    if size not in SHAPES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SHAPES)}")
+    from environments import ENVIRONMENTS
+
+    env_names = list(ENVIRONMENTS) if env_names is None else env_names
+    corpus = list(generic_corpus(2000, seed)) + environment_corpus(qwen25_chat_template(), env_names, 300)
+    tokenizer = train_tokenizer(corpus, vocab_size)
+    shape = SHAPES[size]
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output

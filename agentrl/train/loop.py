@@ -1,0 +1,191 @@
+"""The GRPO training loop, top to bottom: collect → score → advantages → batch → update → sync → save.
+
+Run it with ``accelerate launch -m agentrl.train --config recipes/quickstart.yaml [--section.key=value ...]``.
+Every process rolls out its share of the step's task instances with the in-process policy (the very model
+being trained, so a new adapter version is live without a copy); advantages are computed on the gathered
+rewards so every process holds the same per-task statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm import tqdm
+
+from agentrl.algo.advantages import TaskAdvantageStats, compute_advantages
+from agentrl.config import Recipe, recipe_to_dict
+from agentrl.eval.runner import run_eval_episodes, summarize, test_tasks
+from agentrl.policy.base import SamplingParams
+from agentrl.policy.hf import HFPolicy
+from agentrl.rollout.chat import ChatFormat
+from agentrl.rollout.episode import EpisodeLimits, run_episodes
+from agentrl.rollout.sampler import TaskSampler
+from agentrl.train.batch import collate
+from agentrl.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from agentrl.train.metrics import MetricsLogger
+from agentrl.train.setup import EnvSuite, add_lora, build_envs, ensure_base_model, load_model
+from agentrl.train.sft import run_sft
+from agentrl.train.update import policy_update
+from agentrl.types import Trajectory
+
+
+def score(trajectories: list[Trajectory], suite: EnvSuite) -> None:
+    """Apply each task's reward function; a reward that raises marks the episode as an error."""
+    for traj in trajectories:
+        if not traj.scored:
+            continue
+        try:
+            traj.reward = float(suite.rewards[traj.task.env](traj, traj.task))
+        except Exception as exc:  # the episode boundary: recorded, excluded, counted
+            traj.status, traj.error = "env_error", f"reward failed: {type(exc).__name__}: {exc}"
+
+
+def rollout_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_task[r["task"]].append(r)
+    out: dict[str, float] = {}
+    for task, rs in sorted(by_task.items()):
+        scored = [r for r in rs if r["scored"]]
+        n = max(len(scored), 1)
+        out[f"rollout/{task}/reward"] = sum(r["reward"] for r in scored) / n
+        out[f"rollout/{task}/success"] = sum(r["success"] for r in scored) / n
+        out[f"rollout/{task}/turns"] = sum(r["turns"] for r in rs) / len(rs)
+        out[f"rollout/{task}/truncated"] = sum(r["status"] == "truncated" for r in rs) / len(rs)
+    out["rollout/infra_errors"] = float(sum(not r["scored"] for r in records))
+    out["rollout/episodes"] = float(len(records))
+    return out
+
+
+def evaluate_policy(policy: HFPolicy, chat: ChatFormat, suite: EnvSuite, recipe: Recipe,
+                    accelerator: Accelerator) -> dict[str, Any]:
+    """Held-out success on each environment's test split, split across processes."""
+    tasks = test_tasks(suite.prototypes, recipe.eval.limit)
+    mine = tasks[accelerator.process_index::accelerator.num_processes]
+    sampling = SamplingParams(max_new_tokens=recipe.rollout.max_new_tokens, temperature=recipe.eval.temperature)
+    limits = EpisodeLimits(recipe.rollout.max_turns, recipe.rollout.max_total_tokens)
+    trajs = run_eval_episodes(policy, chat, suite.make, mine, sampling, limits)
+    return summarize(gather_object([t.summary() for t in trajs]))
+
+
+def prepare_model(recipe: Recipe, accelerator: Accelerator):
+    """Base model (built if missing) → SFT warm start (if enabled) → fresh LoRA adapter."""
+    output = Path(recipe.train.output_dir)
+    with accelerator.main_process_first():
+        base = ensure_base_model(recipe.model)
+    start = base
+    if recipe.sft.enabled:
+        start = run_sft(base, output / "sft", build_envs(recipe), recipe.sft, recipe.train.seed)
+    model, tokenizer = load_model(start)
+    return add_lora(model, recipe.lora), tokenizer, start
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Run the recipe; return the final evaluation results."""
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cfg, rcfg = recipe.train, recipe.rollout
+    if rcfg.tasks_per_step % world:
+        raise ValueError(f"rollout.tasks_per_step={rcfg.tasks_per_step} must divide by {world} processes")
+    set_seed(cfg.seed)
+    output = Path(cfg.output_dir)
+    model, tokenizer, start = prepare_model(recipe, accelerator)
+    set_seed(cfg.seed + rank)  # processes sample different completions; the task sampler is shared
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.algo.lr, weight_decay=recipe.algo.weight_decay)
+    warmup = max(recipe.algo.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    peft_model = accelerator.unwrap_model(model)
+    policy = HFPolicy(peft_model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch=rcfg.max_batch)
+    chat = ChatFormat(tokenizer)
+    suite = build_envs(recipe)
+    sampler = TaskSampler({n: (lambda i, e=e: e.task_at("train", i)) for n, e in suite.prototypes.items()},
+                          {n: e.split_sizes["train"] for n, e in suite.prototypes.items()},
+                          suite.weights, seed=cfg.seed)
+    task_stats = TaskAdvantageStats(recipe.algo.task_norm_momentum) if recipe.algo.task_norm else None
+    first_step = 0
+    checkpoint = resolve_resume(cfg.resume, output)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, peft_model, rank)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        if task_stats is not None:
+            task_stats.load_state_dict(state["task_stats"])
+        first_step = policy.version = state["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {first_step}")
+    logger = MetricsLogger(output, enabled=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        (output / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    sampling = SamplingParams(max_new_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature)
+    limits = EpisodeLimits(rcfg.max_turns, rcfg.max_total_tokens)
+
+    bar = tqdm(range(first_step, cfg.steps), desc="grpo", disable=not accelerator.is_main_process,
+               initial=first_step, total=cfg.steps)
+    for step in bar:
+        t0 = time.time()
+        # 1. collect: the same task instances on every process; each rolls out its slice, G times each
+        tasks = sampler.sample(rcfg.tasks_per_step)
+        mine = [(rank + world * j, task) for j, task in enumerate(tasks[rank::world])]
+        instances = [task for _, task in mine for _ in range(rcfg.group_size)]
+        groups = [g for g, _ in mine for _ in range(rcfg.group_size)]
+        trajs = asyncio.run(run_episodes(policy, suite.make, instances, groups, chat, sampling, limits))
+        t_rollout = time.time() - t0
+        # 2. score
+        score(trajs, suite)
+        records = gather_object([{**t.summary(), "task": t.task.env, "scored": t.scored, "rank": rank}
+                                 for t in trajs])
+        errors = sum(not r["scored"] for r in records)
+        if errors > rcfg.max_error_rate * len(records):
+            bad = next(t.error for t in trajs if not t.scored) if any(not t.scored for t in trajs) else ""
+            raise RuntimeError(f"step {step}: {errors}/{len(records)} episodes failed (env/policy errors); "
+                               f"rollout.max_error_rate={rcfg.max_error_rate}. First error here: {bad}")
+        # 3. advantages over the whole step (identical on every process)
+        adv, informative, adv_stats = compute_advantages(
+            torch.tensor([r["reward"] for r in records]), torch.tensor([r["group"] for r in records]),
+            torch.tensor([r["scored"] for r in records]), [r["task"] for r in records], task_stats,
+            scale_by_std=recipe.algo.scale_by_std)
+        own = [i for i, r in enumerate(records) if r["rank"] == rank]
+        # 4. batch: only informative episodes carry gradient
+        chosen = [(trajs[k], adv[i].item()) for k, i in enumerate(own) if informative[i]]
+        batch = collate([t for t, _ in chosen], [a for _, a in chosen], tokenizer.pad_token_id)
+        # 5. update
+        t1 = time.time()
+        model.train()
+        update_stats = policy_update(model, peft_model, optimizer, scheduler, accelerator, batch,
+                                     recipe.algo, rcfg.temperature, tokenizer.pad_token_id)
+        # 6. sync: the policy shares the trained weights, so the new version is live at once
+        asyncio.run(policy.load_adapter(None, step + 1))
+        metrics = {**rollout_metrics(records), **adv_stats, **update_stats,
+                   "time/rollout": t_rollout, "time/update": time.time() - t1, "time/step": time.time() - t0}
+        # 7. save / eval / log
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "sampler": sampler.state_dict(),
+                     "task_stats": task_stats.state_dict() if task_stats is not None else None,
+                     "base_model": str(start)}
+            save_checkpoint(output / "checkpoints" / f"step_{step + 1}", peft_model, state, rank,
+                            accelerator.is_main_process)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            results = evaluate_policy(policy, chat, suite, recipe, accelerator)
+            metrics.update({f"eval/{n}/success": r["success"] for n, r in results["tasks"].items()})
+        if (step + 1) % cfg.log_every == 0:
+            logger.log(step + 1, metrics)
+        bar.set_postfix({k.split("/")[1][:5]: f"{v:.2f}" for k, v in metrics.items()
+                         if k.startswith("rollout/") and k.endswith("/success")})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        peft_model.save_pretrained(output / "adapter")
+    results = evaluate_policy(policy, chat, suite, recipe, accelerator)
+    logger.log(cfg.steps, {f"eval/{n}/success": r["success"] for n, r in results["tasks"].items()})
+    logger.close()
+    return results

@@ -1,0 +1,68 @@
+"""Builders: the only code that reads the recipe to make tokenizer, model, LoRA, environments and rewards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from agentrl.config import LoRAConfig, ModelConfig, Recipe
+from agentrl.envs import make_env
+from agentrl.resolve import resolve
+
+
+def ensure_base_model(config: ModelConfig) -> Path:
+    """The base model directory, built with ``agentrl tiny-model`` first when it is missing."""
+    path = Path(config.path)
+    if (path / "config.json").exists():
+        return path
+    if config.build is None:
+        raise FileNotFoundError(f"model.path={config.path} has no model and model.build is null")
+    from agentrl.model import build_tiny_model
+
+    return build_tiny_model(path, size=config.build)
+
+
+def load_model(path: str | Path):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    return model, tokenizer
+
+
+def add_lora(model, config: LoRAConfig):
+    """Wrap ``model`` with a fresh LoRA adapter; the base weights are frozen by peft."""
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+@dataclass
+class EnvSuite:
+    """The recipe's environments: a factory per name, their rewards, weights and train-split sizes."""
+
+    factories: dict[str, Callable[[], Any]]
+    rewards: dict[str, Callable]
+    weights: dict[str, float]
+    prototypes: dict[str, Any]  # one instance each, for task generation
+
+    def make(self, name: str):
+        return self.factories[name]()
+
+
+def build_envs(recipe: Recipe) -> EnvSuite:
+    from rewards import REWARDS
+
+    factories, rewards, weights, prototypes = {}, {}, {}, {}
+    for spec in recipe.envs:
+        env = make_env(spec.name, **spec.kwargs)
+        name = env.name
+        if name in factories:
+            raise ValueError(f"environment {name!r} appears twice in the recipe")
+        factories[name] = (lambda s=spec: make_env(s.name, **s.kwargs))
+        rewards[name] = resolve(spec.reward, REWARDS, "reward")
+        weights[name] = spec.weight
+        prototypes[name] = env
+    return EnvSuite(factories, rewards, weights, prototypes)

@@ -1,0 +1,65 @@
+"""SFT warm start: teach a from-scratch model the tool-call format on environments' oracle traces.
+
+Uses trl's SFTTrainer on a ``datasets`` dataset of ``{"messages", "tools"}`` rows with loss on assistant
+tokens only (trl swaps in its Qwen2.5 training template, which marks the assistant spans).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets import Dataset
+
+from agentrl.config import SFTConfig
+from agentrl.rollout.traces import oracle_conversation
+from agentrl.train.setup import EnvSuite
+
+DONE_MARKER = "sft_done.json"
+
+
+def oracle_dataset(suite: EnvSuite, examples_per_env: int) -> Dataset:
+    """Oracle conversations from each environment's train split; every one must succeed."""
+    rows = []
+    for name, env in suite.prototypes.items():
+        for task in env.tasks("train", examples_per_env):
+            conversation = oracle_conversation(suite.make(name), task)
+            if not conversation.success:
+                raise RuntimeError(f"oracle failed on {task.id}: an SFT trace must be a correct one")
+            # tools go in as JSON text: Arrow would otherwise merge the schemas of different environments.
+            rows.append({"messages": conversation.messages, "tools": json.dumps(conversation.tools)})
+    dataset = Dataset.from_list(rows)
+    return dataset.map(lambda row: {"tools": json.loads(row["tools"])})
+
+
+def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig, seed: int) -> Path:
+    """Fully fine-tune the base model on oracle traces; save model + tokenizer to ``output_dir``.
+
+    Skipped when ``output_dir`` already holds a finished SFT model (so a resumed run does not redo it).
+    """
+    if (output_dir / DONE_MARKER).exists():
+        return output_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32")
+    dataset = oracle_dataset(suite, config.examples_per_env).shuffle(seed=seed)
+    args = TrlSFTConfig(
+        output_dir=str(output_dir / "trainer"), assistant_only_loss=True, max_length=config.max_length,
+        per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
+        num_train_epochs=config.epochs, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
+        logging_steps=10, save_strategy="no", report_to=[], seed=seed, use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=False,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    result = trainer.train()
+    trainer.save_model(str(output_dir))
+    # a fresh copy, in case the trainer swapped in its training chat template
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(output_dir)
+    if trainer.accelerator.is_main_process:
+        summary = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset)}
+        (output_dir / DONE_MARKER).write_text(json.dumps(summary))
+    trainer.accelerator.wait_for_everyone()
+    return output_dir

@@ -1,0 +1,80 @@
+"""One policy update: micro-batched forward/backward of the clipped loss, then an optimizer step.
+
+The loss of every micro-batch is divided by the *global* number of trained tokens (all micro-batches, all
+processes), so micro-batch size, gradient accumulation and process count do not change the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+
+from agentrl.algo.losses import policy_loss, token_logprobs
+from agentrl.config import AlgoConfig
+from agentrl.train.batch import SequenceBatch
+
+
+def _sequence_logprobs(model, batch: SequenceBatch, temperature: float) -> torch.Tensor:
+    """``[B, L-1]`` log-probs of ``input_ids[:, 1:]`` under ``model``."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature)
+
+
+def _micro_loss(model, reference, mb: SequenceBatch, config: AlgoConfig, temperature: float,
+                normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+    logprobs = _sequence_logprobs(model, mb, temperature)
+    ref = None
+    if config.kl_coef > 0:
+        with torch.no_grad(), reference.disable_adapter():
+            ref = _sequence_logprobs(reference, mb, temperature)
+    return policy_loss(logprobs, mb.behaviour_logprobs[:, 1:], mb.advantages, mb.loss_mask[:, 1:],
+                       clip_low=config.clip_low, clip_high=config.clip_high, ref_logprobs=ref,
+                       kl_coef=config.kl_coef, normalizer=normalizer)
+
+
+def _idle_pass(model, pad_id: int) -> torch.Tensor:
+    """A zero loss through the wrapped model, so a process with fewer micro-batches still joins every
+    gradient all-reduce (DDP hangs when processes run different numbers of backward passes)."""
+    ids = torch.full((1, 2), pad_id, dtype=torch.long, device=next(model.parameters()).device)
+    return model(input_ids=ids).logits.sum() * 0.0
+
+
+def policy_update(model, reference, optimizer, scheduler, accelerator: Accelerator, batch: SequenceBatch,
+                  config: AlgoConfig, temperature: float, pad_id: int) -> dict[str, float]:
+    """Run ``config.epochs`` optimizer steps on ``batch`` (this process's share); return mean stats.
+
+    ``reference`` is the unwrapped peft model (``disable_adapter()`` gives the reference policy).
+    Returns an empty dict when no process has anything to train on (all groups uninformative).
+    """
+    device = accelerator.device
+    counts = torch.tensor([batch.loss_mask[:, 1:].sum().item(), math.ceil(len(batch) / config.micro_batch_size)],
+                          dtype=torch.float64, device=device)
+    gathered = accelerator.gather(counts.unsqueeze(0)).view(-1, 2)
+    global_tokens, n_micro = gathered[:, 0].sum().item(), int(gathered[:, 1].max().item())
+    if global_tokens == 0:
+        return {}
+    normalizer = global_tokens / accelerator.num_processes  # DDP averages gradients over processes
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals: dict[str, float] = {}
+    for _ in range(config.epochs):
+        for i in range(n_micro):
+            start = i * config.micro_batch_size
+            if start < len(batch):
+                mb = batch.slice(start, start + config.micro_batch_size)
+                loss, stats = _micro_loss(model, reference, mb, config, temperature, normalizer)
+                weight = stats["n_tokens"] / max(global_tokens, 1.0)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + (value if key in ("loss", "n_tokens") else value * weight)
+            else:
+                loss = _idle_pass(model, pad_id)
+            accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm)
+    out = {f"train/{k}": v / config.epochs for k, v in totals.items() if k not in ("ratio_max",)}
+    out["train/lr"] = scheduler.get_last_lr()[0]
+    return out

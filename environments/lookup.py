@@ -1,0 +1,125 @@
+"""Lookup: follow a chain of random keys through a hidden table; reward 0-10 with partial credit per hop."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+
+from agentrl.envs.base import ToolEnvironment, tool
+from agentrl.types import Message, Task, ToolCall
+
+KEY_CHARS = string.ascii_lowercase + string.digits
+FULL_REWARD = 10.0
+HOP_CREDIT = 2.0
+PARTIAL_CAP = 8.0  # partial credit never reaches the reward of a correct answer
+MAX_DRAWS = 1000
+DEFAULTS = {"min_hops": 1, "max_hops": 3, "distractors": 3}
+
+
+def in_test_split(content: str) -> bool:
+    """Stable split membership of a task's content (sha256: Python's hash() is salted per process)."""
+    return int(hashlib.sha256(content.encode()).hexdigest(), 16) % 10 == 0
+
+
+def normalize_key(key: str) -> str:
+    # Small models often quote or capitalise keys; that is not the skill being measured.
+    return key.strip().strip("'\"").lower()
+
+
+def _new_key(rng: random.Random, taken: set[str]) -> str:
+    while True:
+        key = "".join(rng.choices(KEY_CHARS, k=rng.randint(3, 4)))
+        if key not in taken:
+            taken.add(key)
+            return key
+
+
+class LookupEnv(ToolEnvironment):
+    """Multi-hop lookup: from a start key, ``get`` the next key ``hops`` times, then ``answer``.
+
+    Args:
+        min_hops: fewest hops in a task.
+        max_hops: most hops in a task.
+        distractors: extra keys past the end of the chain, so overshooting still returns plausible keys.
+    """
+
+    name = "lookup"
+    version = "lookup-v1"
+    system_prompt = "Each key stores the next key: follow the chain with get, then answer with the key you reach."
+
+    def __init__(self, min_hops: int = 1, max_hops: int = 3, distractors: int = 3) -> None:
+        if not 1 <= min_hops <= max_hops:
+            raise ValueError(f"need 1 <= min_hops <= max_hops, got {min_hops}, {max_hops}")
+        if distractors < 0:
+            raise ValueError(f"distractors must be >= 0, got {distractors}")
+        super().__init__()
+        self.min_hops, self.max_hops, self.distractors = min_hops, max_hops, distractors
+        kwargs = {"min_hops": min_hops, "max_hops": max_hops, "distractors": distractors}
+        # Results record the distribution, not just the generator, when the defaults are changed.
+        shown = ",".join(f"{k}={v}" for k, v in kwargs.items())
+        self.task_version = self.version if kwargs == DEFAULTS else f"{self.version}({shown})"
+        self.fetched: list[str] = []
+
+    def reset(self, task: Task) -> list[Message]:
+        self.fetched = []
+        return super().reset(task)
+
+    @tool
+    def get(self, key: str) -> str:
+        """Read the value stored at a key.
+
+        Args:
+            key: the key, e.g. "k7q".
+        """
+        key = normalize_key(key)
+        table = self.task.data["table"]
+        if key not in table:
+            self.info["tool_errors"] += 1  # counted like the base's own bad-call errors
+            return f"Error: no key '{key}'"
+        self.fetched.append(key)
+        return table[key]
+
+    @tool
+    def answer(self, key: str) -> str:
+        """Submit the key you reached; ends the episode.
+
+        Args:
+            key: the final key.
+        """
+        correct = normalize_key(key) == self.task.data["answer"]
+        partial = min(HOP_CREDIT * self.hops_followed(), PARTIAL_CAP)
+        self.finish(reward=FULL_REWARD if correct else partial, success=correct)
+        return "Answer recorded."
+
+    def hops_followed(self) -> int:
+        """How many hops of the chain were fetched in order (other fetches in between are ignored)."""
+        data, done = self.task.data, 0
+        for key in self.fetched:
+            if done < data["hops"] and key == data["chain"][done]:
+                done += 1
+        return done
+
+    def make_task(self, rng: random.Random, split: str, index: int) -> Task:
+        for _ in range(MAX_DRAWS):
+            hops = rng.randint(self.min_hops, self.max_hops)
+            start = _new_key(rng, set())
+            # (start, hops) is all the prompt says, so splitting on it keeps prompts disjoint.
+            if in_test_split(f"{start}/{hops}") == (split == "test"):
+                break
+        else:  # pragma: no cover - the key space is far too large to exhaust
+            raise ValueError(f"{self.task_version}: cannot fill the {split!r} split")
+        keys, taken = [start], {start}
+        while len(keys) < hops + 1 + self.distractors:
+            keys.append(_new_key(rng, taken))
+        # Every key has a value, the chain runs on into the distractors and the last one loops back.
+        table = dict(zip(keys, keys[1:]))
+        table[keys[-1]] = rng.choice(keys[:-1])
+        s = "" if hops == 1 else "s"
+        prompt = f"Start at key {start} and follow the chain for {hops} hop{s}. Answer with the key you reach."
+        data = {"start": start, "hops": hops, "chain": keys[: hops + 1], "answer": keys[hops], "table": table}
+        return Task(env=self.name, split=split, index=index, prompt=prompt, data=data, version=self.task_version)
+
+    def oracle(self, task: Task) -> list[ToolCall]:
+        chain = task.data["chain"]
+        return [ToolCall("get", {"key": key}) for key in chain[:-1]] + [ToolCall("answer", {"key": chain[-1]})]
