@@ -99,6 +99,7 @@ class TrainConfig:
 class EvalConfig:
     limit: int = 100  # test tasks per environment
     temperature: float = 0.0
+    at_end: bool = True  # evaluate the final adapter when training ends
 
 
 @dataclass
@@ -131,6 +132,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return dict(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads "5e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if annotation in (int, float, str, bool) and not (isinstance(value, annotation)
                                                        and not (annotation is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")

@@ -80,7 +80,8 @@ class CalculatorEnv(ToolEnvironment):
     """Word problems with one operation; the model should compute with ``calculate`` and then ``answer``.
 
     Args:
-        max_operand: operands are drawn from 2..max_operand.
+        max_operand: operands are drawn from min_operand..max_operand.
+        min_operand: smallest operand (at least 2, so no "1 boxes").
         ops: the operations tasks may use, a subset of ``("+", "-", "*")``.
     """
 
@@ -88,17 +89,17 @@ class CalculatorEnv(ToolEnvironment):
     version = "calculator-v1"
     system_prompt = "Solve the problem: use calculate for arithmetic, then call answer with the number."
 
-    def __init__(self, max_operand: int = 999, ops: tuple[str, ...] = DEFAULT_OPS) -> None:
+    def __init__(self, max_operand: int = 999, ops: tuple[str, ...] = DEFAULT_OPS, min_operand: int = 2) -> None:
         ops = tuple(ops)  # configs may pass a list
-        if max_operand < 2:
-            raise ValueError(f"max_operand must be at least 2, got {max_operand}")
+        if not 2 <= min_operand <= max_operand:
+            raise ValueError(f"need 2 <= min_operand <= max_operand, got {min_operand}, {max_operand}")
         if not ops or not set(ops) <= set(_APPLY):
             raise ValueError(f"ops must be a non-empty subset of {DEFAULT_OPS}, got {ops}")
         super().__init__()
-        self.max_operand, self.ops = max_operand, ops
+        self.min_operand, self.max_operand, self.ops = min_operand, max_operand, ops
         # Results record the distribution, not just the generator, when the defaults are changed.
-        defaults = (max_operand, ops) == (999, DEFAULT_OPS)
-        shown = f"max_operand={max_operand},ops={''.join(ops)}"
+        defaults = (min_operand, max_operand, ops) == (2, 999, DEFAULT_OPS)
+        shown = f"min_operand={min_operand},max_operand={max_operand},ops={''.join(ops)}"
         self.task_version = self.version if defaults else f"{self.version}({shown})"
 
     @tool
@@ -128,7 +129,7 @@ class CalculatorEnv(ToolEnvironment):
     def make_task(self, rng: random.Random, split: str, index: int) -> Task:
         for _ in range(MAX_DRAWS):
             op = rng.choice(self.ops)
-            a, b = rng.randint(2, self.max_operand), rng.randint(2, self.max_operand)
+            a, b = (rng.randint(self.min_operand, self.max_operand) for _ in range(2))
             if op == "-" and a < b:
                 a, b = b, a  # a word problem never goes negative
             # The split is decided by the arithmetic itself (commutative order ignored), so a test

@@ -9,12 +9,12 @@ import string
 from agentrl.envs.base import ToolEnvironment, tool
 from agentrl.types import Message, Task, ToolCall
 
-KEY_CHARS = string.ascii_lowercase + string.digits
+ALPHABETS = {"alnum": string.ascii_lowercase + string.digits, "digits": string.digits}
 FULL_REWARD = 10.0
 HOP_CREDIT = 2.0
 PARTIAL_CAP = 8.0  # partial credit never reaches the reward of a correct answer
 MAX_DRAWS = 1000
-DEFAULTS = {"min_hops": 1, "max_hops": 3, "distractors": 3}
+DEFAULTS = {"min_hops": 1, "max_hops": 3, "distractors": 3, "alphabet": "alnum", "key_length": (3, 4)}
 
 
 def in_test_split(content: str) -> bool:
@@ -27,9 +27,9 @@ def normalize_key(key: str) -> str:
     return key.strip().strip("'\"").lower()
 
 
-def _new_key(rng: random.Random, taken: set[str]) -> str:
+def _new_key(rng: random.Random, taken: set[str], chars: str, lengths: tuple[int, int]) -> str:
     while True:
-        key = "".join(rng.choices(KEY_CHARS, k=rng.randint(3, 4)))
+        key = "".join(rng.choices(chars, k=rng.randint(*lengths)))
         if key not in taken:
             taken.add(key)
             return key
@@ -42,20 +42,34 @@ class LookupEnv(ToolEnvironment):
         min_hops: fewest hops in a task.
         max_hops: most hops in a task.
         distractors: extra keys past the end of the chain, so overshooting still returns plausible keys.
+        alphabet: "alnum" (lowercase letters and digits) or "digits" (every character one token: the
+            easiest keys for a model to copy).
+        key_length: (shortest, longest) key length.
     """
 
     name = "lookup"
     version = "lookup-v1"
     system_prompt = "Each key stores the next key: follow the chain with get, then answer with the key you reach."
 
-    def __init__(self, min_hops: int = 1, max_hops: int = 3, distractors: int = 3) -> None:
+    def __init__(self, min_hops: int = 1, max_hops: int = 3, distractors: int = 3, alphabet: str = "alnum",
+                 key_length: tuple[int, int] = (3, 4)) -> None:
+        key_length = tuple(key_length)  # configs may pass a list
+        if alphabet not in ALPHABETS:
+            raise ValueError(f"alphabet must be one of {sorted(ALPHABETS)}, got {alphabet!r}")
+        if len(key_length) != 2 or not 1 <= key_length[0] <= key_length[1]:
+            raise ValueError(f"key_length must be (shortest, longest) with 1 <= shortest <= longest, got {key_length}")
+        # the chain and distractors need distinct keys
+        if len(ALPHABETS[alphabet]) ** key_length[1] < 4 * (max_hops + 1 + distractors):
+            raise ValueError(f"{alphabet} keys of length {key_length} are too few for {max_hops} hops")
         if not 1 <= min_hops <= max_hops:
             raise ValueError(f"need 1 <= min_hops <= max_hops, got {min_hops}, {max_hops}")
         if distractors < 0:
             raise ValueError(f"distractors must be >= 0, got {distractors}")
         super().__init__()
         self.min_hops, self.max_hops, self.distractors = min_hops, max_hops, distractors
-        kwargs = {"min_hops": min_hops, "max_hops": max_hops, "distractors": distractors}
+        self.chars, self.key_length = ALPHABETS[alphabet], key_length
+        kwargs = {"min_hops": min_hops, "max_hops": max_hops, "distractors": distractors, "alphabet": alphabet,
+                  "key_length": key_length}
         # Results record the distribution, not just the generator, when the defaults are changed.
         shown = ",".join(f"{k}={v}" for k, v in kwargs.items())
         self.task_version = self.version if kwargs == DEFAULTS else f"{self.version}({shown})"
@@ -103,7 +117,7 @@ class LookupEnv(ToolEnvironment):
     def make_task(self, rng: random.Random, split: str, index: int) -> Task:
         for _ in range(MAX_DRAWS):
             hops = rng.randint(self.min_hops, self.max_hops)
-            start = _new_key(rng, set())
+            start = _new_key(rng, set(), self.chars, self.key_length)
             # (start, hops) is all the prompt says, so splitting on it keeps prompts disjoint.
             if in_test_split(f"{start}/{hops}") == (split == "test"):
                 break
@@ -111,7 +125,7 @@ class LookupEnv(ToolEnvironment):
             raise ValueError(f"{self.task_version}: cannot fill the {split!r} split")
         keys, taken = [start], {start}
         while len(keys) < hops + 1 + self.distractors:
-            keys.append(_new_key(rng, taken))
+            keys.append(_new_key(rng, taken, self.chars, self.key_length))
         # Every key has a value, the chain runs on into the distractors and the last one loops back.
         table = dict(zip(keys, keys[1:]))
         table[keys[-1]] = rng.choice(keys[:-1])

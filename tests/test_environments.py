@@ -61,7 +61,7 @@ def test_constructor_kwargs_shape_the_distribution():
     tasks = small.tasks("train", 50)
     assert all(" * " in t.data["expression"] for t in tasks)
     assert all(int(x) <= 9 for t in tasks for x in t.data["expression"].split(" * "))
-    assert tasks[0].version == "calculator-v1(max_operand=9,ops=*)"
+    assert tasks[0].version == "calculator-v1(min_operand=2,max_operand=9,ops=*)"
     assert tasks == CalculatorEnv(max_operand=9, ops=("*",)).tasks("train", 50)
     hops = {t.data["hops"] for t in LookupEnv(min_hops=4, max_hops=5).tasks("train", 50)}
     assert hops == {4, 5}

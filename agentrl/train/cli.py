@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     from agentrl.train.loop import train
 
     results = train(recipe)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if results and int(os.environ.get("RANK", "0")) == 0:
         print(format_table(results, title="held-out success after RL"), flush=True)
     _exit_cleanly()
 

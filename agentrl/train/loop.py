@@ -33,7 +33,7 @@ from agentrl.train.checkpoint import load_checkpoint, resolve_resume, save_check
 from agentrl.train.metrics import MetricsLogger
 from agentrl.train.setup import EnvSuite, add_lora, build_envs, ensure_base_model, load_model
 from agentrl.train.sft import run_sft
-from agentrl.train.update import policy_update
+from agentrl.train.update import param_sync_gap, policy_update
 from agentrl.types import Trajectory
 
 
@@ -89,7 +89,7 @@ def prepare_model(recipe: Recipe, accelerator: Accelerator):
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
-    """Run the recipe; return the final evaluation results."""
+    """Run the recipe; return the final evaluation results (empty when ``eval.at_end`` is off)."""
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     cfg, rcfg = recipe.train, recipe.rollout
@@ -169,6 +169,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
                    "time/rollout": t_rollout, "time/update": time.time() - t1, "time/step": time.time() - t0}
         # 7. save / eval / log
         if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            metrics["sync/param_gap"] = gap = param_sync_gap(model, accelerator)
+            if gap > 1e-6:
+                raise RuntimeError(f"step {step + 1}: processes hold different adapters (gap {gap:.3g})")
             state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "sampler": sampler.state_dict(),
                      "task_stats": task_stats.state_dict() if task_stats is not None else None,
@@ -185,7 +188,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         peft_model.save_pretrained(output / "adapter")
-    results = evaluate_policy(policy, chat, suite, recipe, accelerator)
-    logger.log(cfg.steps, {f"eval/{n}/success": r["success"] for n, r in results["tasks"].items()})
+    results = {}
+    if recipe.eval.at_end:
+        results = evaluate_policy(policy, chat, suite, recipe, accelerator)
+        logger.log(cfg.steps, {f"eval/{n}/success": r["success"] for n, r in results["tasks"].items()})
     logger.close()
     return results

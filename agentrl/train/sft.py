@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, Features, Json, List
 
 from agentrl.config import SFTConfig
 from agentrl.rollout.traces import oracle_conversation
@@ -26,10 +26,11 @@ def oracle_dataset(suite: EnvSuite, examples_per_env: int) -> Dataset:
             conversation = oracle_conversation(suite.make(name), task)
             if not conversation.success:
                 raise RuntimeError(f"oracle failed on {task.id}: an SFT trace must be a correct one")
-            # tools go in as JSON text: Arrow would otherwise merge the schemas of different environments.
-            rows.append({"messages": conversation.messages, "tools": json.dumps(conversation.tools)})
-    dataset = Dataset.from_list(rows)
-    return dataset.map(lambda row: {"tools": json.loads(row["tools"])})
+            rows.append({"messages": conversation.messages, "tools": conversation.tools})
+    # Json features keep each message and schema exactly as written: Arrow structs would merge the argument
+    # schemas of different environments and add null-valued keys to every tool call.
+    features = Features({"messages": List(Json()), "tools": Json()})
+    return Dataset.from_list(rows, features=features)
 
 
 def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig, seed: int) -> Path:

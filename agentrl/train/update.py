@@ -78,3 +78,15 @@ def policy_update(model, reference, optimizer, scheduler, accelerator: Accelerat
     out = {f"train/{k}": v / config.epochs for k, v in totals.items() if k not in ("ratio_max",)}
     out["train/lr"] = scheduler.get_last_lr()[0]
     return out
+
+
+def param_sync_gap(model, accelerator: Accelerator) -> float:
+    """Largest difference between processes of a fingerprint of the trainable parameters (0.0 in sync).
+
+    Data-parallel processes must hold identical adapters; a gap means gradients were not all-reduced.
+    """
+    params = [p.detach().double() for p in model.parameters() if p.requires_grad]
+    fingerprint = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params),
+                               sum((p * (i + 1)).sum() for i, p in enumerate(params))])
+    gathered = accelerator.gather(fingerprint.to(accelerator.device).unsqueeze(0))
+    return float((gathered - gathered[0]).abs().max().item())

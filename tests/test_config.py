@@ -1,0 +1,63 @@
+"""Recipes: every file in recipes/ loads, overrides apply, bad keys and types fail with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agentrl.config import ConfigError, load_recipe
+from agentrl.envs import make_env
+from agentrl.resolve import resolve
+from rewards import REWARDS
+
+RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+ACCELERATE = sorted(Path(__file__).parents[1].joinpath("recipes", "accelerate").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert RECIPES and ACCELERATE
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_names_real_things(path):
+    recipe = load_recipe(path)
+    for env in recipe.envs:
+        assert make_env(env.name, **env.kwargs).tools()
+        assert callable(resolve(env.reward, REWARDS, "reward"))
+    assert recipe.rollout.tasks_per_step > 0 and recipe.rollout.group_size > 1
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    config = yaml.safe_load(path.read_text())
+    assert config["use_cpu"] is True and config["num_processes"] >= 1
+
+
+def test_overrides_apply_with_yaml_values():
+    recipe = load_recipe(RECIPES[0], ["--rollout.group_size=4", "--algo.lr=5e-3", "--train.resume=auto",
+                                      "envs.1.weight=3"])
+    assert recipe.rollout.group_size == 4 and recipe.algo.lr == 0.005 and recipe.train.resume == "auto"
+    assert recipe.envs[1].weight == 3.0
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--rollout.gruop_size=4", "'rollout.gruop_size' (did you mean 'group_size'?)"),
+    ("--trian.steps=4", "'trian'"),
+    ("--train.steps=many", "train.steps: expected int"),
+    ("--algo.task_norm=3", "algo.task_norm: expected bool"),
+    ("--envs=[{name: calculator, wieght: 2}]", "'envs[0].wieght'"),
+    ("steps", "--section.key=value"),
+])
+def test_bad_keys_and_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(None, [override])
+    assert fragment in str(info.value)
+
+
+def test_unknown_names_fail_clearly():
+    with pytest.raises(KeyError, match="known names"):
+        make_env("nosuchenv")
+    with pytest.raises(KeyError, match="known names"):
+        resolve("nosuchreward", REWARDS, "reward")
