@@ -31,13 +31,19 @@ class ModelShape:
     heads: int
     kv_heads: int
     intermediate: int
+    window_layers: int = 0  # the top `window_layers` layers use sliding-window attention
+    window: int = 64
 
 
 # "tiny" is the smallest shape vLLM's CPU backend serves (head_dim 32); "micro" (head_dim 16) is for unit tests.
+# Why sliding-window layers: a from-scratch model must learn to copy keys and numbers from the last tool result
+# into its next call. With full attention over a ~300-token prompt, the attention gradient toward the source is
+# diluted and copying had not emerged after 600 SFT steps; with two 64-token windowed layers (Qwen2's own
+# sliding-window attention) the same SFT reached 100% teacher-forced accuracy on lookup in ~450 steps.
 SHAPES = {
     "micro": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
-    "tiny": ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
-    "small": ModelShape(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768),
+    "tiny": ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, window_layers=2),
+    "small": ModelShape(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768, window_layers=3),
 }
 
 
@@ -52,6 +58,10 @@ def generic_corpus(n: int, seed: int = 0) -> Iterable[str]:
     words = ("the a key value answer tool call result number start chain follow hops apples books has buys "
              "gives more left how many what is total each error unknown argument expression calculate get "
              "function name arguments type object string integer required description properties").split()
+    nouns = ("ant bat bee cat cow dog elk emu fox gnu hen jay koi owl pig ram rat yak ape eel oak elm fir ash "
+             "yew ivy fig kiwi lime pear plum date bean corn rice kale leek pea yam red tan blue gold pink gray "
+             "jade ruby rose mint sky sun moon star rain snow wind fog").split()
+    words = words + nouns
     for _ in range(n):
         sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
         payload = {"name": rng.choice(words), "arguments": {rng.choice(words): rng.randint(0, 99999)}}
@@ -124,6 +134,8 @@ def build_tiny_model(output: str | Path, size: str = "tiny", env_names: list[str
         max_position_embeddings=max_positions, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        use_sliding_window=shape.window_layers > 0, sliding_window=shape.window if shape.window_layers else None,
+        max_window_layers=shape.layers - shape.window_layers,  # Qwen2: layers from this index on use the window
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)

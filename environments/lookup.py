@@ -9,7 +9,11 @@ import string
 from agentrl.envs.base import ToolEnvironment, tool
 from agentrl.types import Message, Task, ToolCall
 
-ALPHABETS = {"alnum": string.ascii_lowercase + string.digits, "digits": string.digits}
+# "words" keys are whole common words, one token each for most tokenizers: the easiest keys to copy.
+KEY_WORDS = tuple("""ant bat bee cat cow dog elk emu fox gnu hen jay koi owl pig ram rat yak ape eel
+    oak elm fir ash yew ivy fig kiwi lime pear plum date bean corn rice kale leek pea yam
+    red tan blue gold pink gray jade ruby rose mint sky sun moon star rain snow wind fog""".split())
+ALPHABETS = {"alnum": string.ascii_lowercase + string.digits, "digits": string.digits, "words": KEY_WORDS}
 FULL_REWARD = 10.0
 HOP_CREDIT = 2.0
 PARTIAL_CAP = 8.0  # partial credit never reaches the reward of a correct answer
@@ -27,9 +31,10 @@ def normalize_key(key: str) -> str:
     return key.strip().strip("'\"").lower()
 
 
-def _new_key(rng: random.Random, taken: set[str], chars: str, lengths: tuple[int, int]) -> str:
+def _new_key(rng: random.Random, taken: set[str], chars, lengths: tuple[int, int]) -> str:
     while True:
-        key = "".join(rng.choices(chars, k=rng.randint(*lengths)))
+        key = "-".join(rng.choices(chars, k=rng.randint(*lengths))) if isinstance(chars, tuple) else \
+            "".join(rng.choices(chars, k=rng.randint(*lengths)))
         if key not in taken:
             taken.add(key)
             return key
@@ -42,9 +47,9 @@ class LookupEnv(ToolEnvironment):
         min_hops: fewest hops in a task.
         max_hops: most hops in a task.
         distractors: extra keys past the end of the chain, so overshooting still returns plausible keys.
-        alphabet: "alnum" (lowercase letters and digits) or "digits" (every character one token: the
-            easiest keys for a model to copy).
-        key_length: (shortest, longest) key length.
+        alphabet: "alnum" (lowercase letters and digits), "digits", or "words" (keys are common words
+            joined by "-"; one word each is the easiest key for a small model to copy).
+        key_length: (shortest, longest) key length, in characters (in words for "words").
     """
 
     name = "lookup"

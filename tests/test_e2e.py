@@ -1,0 +1,49 @@
+"""End to end on the micro model: SFT warm start (trl) → GRPO → `agentrl eval` writing results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentrl.eval.cli import main as eval_main
+from agentrl.eval.cli import parse_model_args
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_then_eval(micro_model_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "agentrl.train", "--config", str(ROOT / "recipes/quickstart.yaml"),
+           f"--model.path={micro_model_dir}", "--model.build=null", f"--train.output_dir={out}",
+           "--sft.examples_per_env=16", "--sft.batch_size=8", "--train.steps=2", "--rollout.tasks_per_step=2",
+           "--rollout.group_size=2", "--rollout.max_new_tokens=16", "--rollout.max_turns=2", "--eval.limit=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.loads((out / "sft" / "sft_done.json").read_text())["examples"] == 32
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert "held-out success after RL" in proc.stdout
+    results = eval_main(["--model", "hf", "--model_args", f"pretrained={out / 'sft'},adapter={out / 'adapter'}",
+                         "--tasks", "calculator,lookup", "--limit", "3", "--output_path", str(tmp_path / "eval"),
+                         "--max_new_tokens", "16", "--max_turns", "2"])
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["tasks"].keys() == {"calculator", "lookup"} == results["tasks"].keys()
+    assert all(t["n"] + t["infra_errors"] == 3 and 0.0 <= t["success"] <= 1.0 for t in saved["tasks"].values())
+    assert len((tmp_path / "eval" / "samples.jsonl").read_text().splitlines()) == 6
+
+
+def test_model_args_parse_like_lm_eval():
+    assert parse_model_args("pretrained=a/b,adapter=c") == {"pretrained": "a/b", "adapter": "c"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_model_args("pretrained")
+
+
+def test_eval_cli_rejects_unknown_model_args():
+    with pytest.raises(SystemExit, match="pretrained=DIR"):
+        eval_main(["--model_args", "pretrained=x,lora=y", "--tasks", "calculator"])

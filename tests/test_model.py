@@ -1,0 +1,44 @@
+"""The locally built tiny model and tokenizer: template trl recognises, special tokens, vLLM-servable shape."""
+
+from __future__ import annotations
+
+import json
+
+from transformers import AutoModelForCausalLM
+
+from agentrl.model import SHAPES, TOOL_TOKENS, qwen25_chat_template
+from agentrl.rollout.chat import ChatFormat
+
+
+def test_chat_template_is_trls_qwen25(tokenizer):
+    from trl.chat_template_utils import get_training_chat_template
+
+    assert tokenizer.chat_template == qwen25_chat_template()
+    assert "generation" in get_training_chat_template(tokenizer)  # trl knows it: assistant-only loss works
+
+
+def test_special_tokens_are_single_ids(tokenizer):
+    for token in ["<|im_start|>", "<|im_end|>", "<|endoftext|>", *TOOL_TOKENS]:
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1, token
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_digits_are_single_tokens_and_text_round_trips(tokenizer):
+    ids = tokenizer("Ann has 347 apples", add_special_tokens=False)["input_ids"]
+    assert [tokenizer.decode([i]) for i in ids][-4:-1] == ["3", "4", "7"]
+    text = '<tool_call>\n{"name": "get", "arguments": {"key": "k7q"}}\n</tool_call>'
+    assert ChatFormat(tokenizer).decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_default_shape_is_servable_by_vllm_cpu():
+    tiny = SHAPES["tiny"]
+    assert tiny.hidden // tiny.heads >= 32  # vLLM's CPU attention rejects head_dim 16
+    assert 0 < tiny.window_layers < tiny.layers
+
+
+def test_built_model_loads_and_matches_tokenizer(micro_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(micro_model_dir)
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    config = json.loads((micro_model_dir / "config.json").read_text())
+    assert config["model_type"] == "qwen2"
