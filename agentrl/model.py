@@ -31,7 +31,7 @@ class ModelShape:
     heads: int
     kv_heads: int
     intermediate: int
-    window_layers: int = 0  # the top `window_layers` layers use sliding-window attention
+    window_layers: int = 0  # the bottom `window_layers` layers use sliding-window attention
     window: int = 64
 
 
@@ -135,7 +135,7 @@ def build_tiny_model(output: str | Path, size: str = "tiny", env_names: list[str
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
         use_sliding_window=shape.window_layers > 0, sliding_window=shape.window if shape.window_layers else None,
-        max_window_layers=shape.layers - shape.window_layers,  # Qwen2: layers from this index on use the window
+        layer_types=["sliding_attention" if i < shape.window_layers else "full_attention" for i in range(shape.layers)],
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)

@@ -53,6 +53,9 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
         num_train_epochs=config.epochs, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
         logging_steps=10, save_strategy="no", report_to=[], seed=seed, use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=False,
+        # trl defaults to bf16 autocast and gradient checkpointing; on a tiny fp32 model the first slows
+        # learning to copy (it had not emerged after 600 steps) and the second only costs time.
+        bf16=False, gradient_checkpointing=False,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     result = trainer.train()
