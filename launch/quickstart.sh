@@ -13,9 +13,9 @@ LIMIT=$(python -c "import sys; from agentrl.config import load_recipe; print(loa
 start=$(date +%s)
 accelerate launch --config_file recipes/accelerate/cpu_1proc.yaml -m agentrl.train --config "$RECIPE" \
   --eval.at_end=false "$@"
-agentrl eval --model hf --model_args "pretrained=$OUT/sft" --tasks calculator,lookup --limit "$LIMIT" \
+agentrl eval --model hf --model_args "pretrained=$OUT/sft" --config "$RECIPE" --limit "$LIMIT" \
   --output_path "$OUT/eval_sft"
-agentrl eval --model hf --model_args "pretrained=$OUT/sft,adapter=$OUT/adapter" --tasks calculator,lookup \
+agentrl eval --model hf --model_args "pretrained=$OUT/sft,adapter=$OUT/adapter" --config "$RECIPE" \
   --limit "$LIMIT" --output_path "$OUT/eval_rl"
 python -m agentrl.eval.compare "$OUT/eval_sft/results.json" "$OUT/eval_rl/results.json" --labels SFT,RL
 echo "[quickstart] finished in $(( $(date +%s) - start )) s; metrics: $OUT/metrics.jsonl, tensorboard: $OUT/tensorboard"

@@ -47,3 +47,15 @@ def test_model_args_parse_like_lm_eval():
 def test_eval_cli_rejects_unknown_model_args():
     with pytest.raises(SystemExit, match="pretrained=DIR"):
         eval_main(["--model_args", "pretrained=x,lora=y", "--tasks", "calculator"])
+
+
+def test_eval_takes_environments_with_kwargs_from_a_recipe():
+    from agentrl.eval.cli import task_specs
+
+    specs = dict(task_specs(None, str(ROOT / "recipes/quickstart.yaml")))
+    assert specs["calculator"]["max_operand"] == 99 and specs["lookup"]["alphabet"] == "words"
+    assert [name for name, _ in task_specs("lookup", str(ROOT / "recipes/quickstart.yaml"))] == ["lookup"]
+    with pytest.raises(SystemExit, match="not among"):
+        task_specs("nosuch", str(ROOT / "recipes/quickstart.yaml"))
+    with pytest.raises(SystemExit, match="--tasks"):
+        task_specs(None, None)

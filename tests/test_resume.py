@@ -59,3 +59,13 @@ def test_training_moved_the_adapter(full_run):
     logged = metrics(full_run)
     assert any("train/loss" in m for m in logged)
     assert any("adv/lookup/std" in m for m in logged)
+
+
+def test_samples_from_another_adapter_version_are_refused():
+    from agentrl.train.loop import check_versions
+    from agentrl.types import Task, Trajectory, Turn
+
+    traj = Trajectory(Task("lookup", "train", 0, "p", {}, "v"), 0, turns=[Turn([1], [2], [0.0], version=3)])
+    check_versions([traj], expected=3)
+    with pytest.raises(RuntimeError, match="version"):
+        check_versions([traj], expected=4)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
-EXAMPLE = """example:
+EXAMPLE = """examples:
   agentrl eval --model hf --model_args pretrained=runs/quickstart/sft,adapter=runs/quickstart/adapter \\
-      --tasks calculator,lookup --limit 100 --output_path runs/quickstart/eval_rl"""
+      --tasks calculator,lookup --limit 100 --output_path runs/quickstart/eval_rl
+  # the environments exactly as a training recipe configures them (constructor kwargs included):
+  agentrl eval --model hf --model_args pretrained=runs/quickstart/sft --config recipes/quickstart.yaml --limit 100"""
 
 
 def parse_model_args(text: str) -> dict[str, str]:
@@ -22,18 +25,39 @@ def parse_model_args(text: str) -> dict[str, str]:
     return out
 
 
+def task_specs(tasks: str | None, config: str | None) -> list[tuple[str, dict]]:
+    """``[(env name or path, kwargs)]`` from ``--tasks`` and/or a recipe's ``envs`` section."""
+    names = [n for n in (tasks or "").split(",") if n]
+    if config is None:
+        if not names:
+            raise SystemExit("agentrl eval: give --tasks, or --config RECIPE to take the recipe's environments")
+        return [(name, {}) for name in names]
+    from agentrl.config import load_recipe
+
+    specs = [(env.name, dict(env.kwargs)) for env in load_recipe(config).envs]
+    if names:
+        missing = set(names) - {name for name, _ in specs}
+        if missing:
+            raise SystemExit(f"agentrl eval: {sorted(missing)} not among the recipe's environments")
+        specs = [spec for spec in specs if spec[0] in names]
+    return specs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentrl eval", description=__doc__, epilog=EXAMPLE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="hf", choices=["hf"], help="policy backend")
     parser.add_argument("--model_args", required=True, help="pretrained=DIR[,adapter=DIR]")
-    parser.add_argument("--tasks", required=True, help="comma-separated environment names or module:Class paths")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated environment names or module:Class paths (default: the recipe's)")
+    parser.add_argument("--config", default=None,
+                        help="a training recipe: its environments, with their kwargs, are the tasks")
     parser.add_argument("--limit", type=int, default=None, help="test tasks per environment (default: all)")
     parser.add_argument("--output_path", default=None, help="directory for results.json")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--max_turns", type=int, default=6)
-    parser.add_argument("--max_total_tokens", type=int, default=1024)
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="per turn (default: recipe's or 64)")
+    parser.add_argument("--max_turns", type=int, default=None, help="(default: recipe's or 6)")
+    parser.add_argument("--max_total_tokens", type=int, default=None, help="(default: recipe's or 1024)")
     parser.add_argument("--batch_size", type=int, default=64, help="sequences per generate call")
     return parser
 
@@ -44,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(model_args) - {"pretrained", "adapter"}
     if unknown or "pretrained" not in model_args:
         raise SystemExit(f"agentrl eval: --model_args takes pretrained=DIR[,adapter=DIR]; got {args.model_args!r}")
+    specs = task_specs(args.tasks, args.config)
+    from agentrl.config import RolloutConfig, load_recipe
     from agentrl.envs import make_env
     from agentrl.eval.runner import format_table, run_eval_episodes, summarize, test_tasks
     from agentrl.policy.base import SamplingParams
@@ -58,17 +84,20 @@ def main(argv: list[str] | None = None) -> dict:
 
         model = PeftModel.from_pretrained(model, model_args["adapter"])
     model.eval()
-    names = [n for n in args.tasks.split(",") if n]
-    envs = {make_env(name).name: name for name in names}  # env name -> how the user spelled it
-    prototypes = {env_name: make_env(spec) for env_name, spec in envs.items()}
+    prototypes, factories = {}, {}
+    for name, kwargs in specs:
+        env = make_env(name, **kwargs)
+        prototypes[env.name], factories[env.name] = env, functools.partial(make_env, name, **kwargs)
     policy = HFPolicy(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch=args.batch_size)
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    limits = EpisodeLimits(args.max_turns, args.max_total_tokens)
-    trajs = run_eval_episodes(policy, ChatFormat(tokenizer), lambda env_name: make_env(envs[env_name]),
+    rollout = load_recipe(args.config).rollout if args.config else RolloutConfig()  # limits not given on the line
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens or rollout.max_new_tokens,
+                              temperature=args.temperature)
+    limits = EpisodeLimits(args.max_turns or rollout.max_turns, args.max_total_tokens or rollout.max_total_tokens)
+    trajs = run_eval_episodes(policy, ChatFormat(tokenizer), lambda env_name: factories[env_name](),
                               test_tasks(prototypes, args.limit), sampling, limits)
     results = summarize([t.summary() for t in trajs])
-    results["config"] = {"model": args.model, "model_args": model_args, "tasks": names, "limit": args.limit,
-                         "temperature": args.temperature}
+    results["config"] = {"model": args.model, "model_args": model_args, "tasks": [list(s) for s in specs],
+                         "limit": args.limit, "temperature": args.temperature, "recipe": args.config}
     print(format_table(results, title=f"held-out success: {args.model_args}"))
     if args.output_path:
         out = Path(args.output_path)

@@ -48,6 +48,15 @@ def score(trajectories: list[Trajectory], suite: EnvSuite) -> None:
             traj.status, traj.error = "env_error", f"reward failed: {type(exc).__name__}: {exc}"
 
 
+def check_versions(trajectories: list[Trajectory], expected: int) -> None:
+    """Every turn must come from the adapter version being trained on (this loop is on-policy)."""
+    for traj in trajectories:
+        versions = {turn.version for turn in traj.turns}
+        if versions - {expected}:
+            raise RuntimeError(f"{traj.task.id} was sampled by adapter version(s) {sorted(versions)}, "
+                               f"expected {expected}: refusing to train on another policy's samples")
+
+
 def rollout_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in records:
@@ -140,13 +149,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
         groups = [g for g, _ in mine for _ in range(rcfg.group_size)]
         trajs = asyncio.run(run_episodes(policy, suite.make, instances, groups, chat, sampling, limits))
         t_rollout = time.time() - t0
+        check_versions(trajs, expected=step)
         # 2. score
         score(trajs, suite)
         records = gather_object([{**t.summary(), "task": t.task.env, "scored": t.scored, "rank": rank}
                                  for t in trajs])
         errors = sum(not r["scored"] for r in records)
         if errors > rcfg.max_error_rate * len(records):
-            bad = next(t.error for t in trajs if not t.scored) if any(not t.scored for t in trajs) else ""
+            bad = next((t.error for t in trajs if not t.scored), "")
             raise RuntimeError(f"step {step}: {errors}/{len(records)} episodes failed (env/policy errors); "
                                f"rollout.max_error_rate={rcfg.max_error_rate}. First error here: {bad}")
         # 3. advantages over the whole step (identical on every process)
