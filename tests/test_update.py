@@ -82,3 +82,20 @@ def test_empty_batch_is_a_no_op(lora_model, tokenizer):
     before = [p.detach().clone() for p in model.parameters()]
     assert run_update(model, collate([], [], tokenizer.pad_token_id), tokenizer.pad_token_id) == {}
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_hf_policy_loads_a_saved_adapter_by_version(lora_model, micro_model_dir, tokenizer, tmp_path):
+    from peft import PeftModel
+
+    lora_model.save_pretrained(tmp_path / "adapter")
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_model_dir), tmp_path / "adapter")
+    with torch.no_grad():  # make the served adapter differ, so loading v7 must change the logits back
+        for name, p in served.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    policy = HFPolicy(served, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    asyncio.run(policy.load_adapter(str(tmp_path / "adapter"), 7))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(served(input_ids=ids).logits, lora_model(input_ids=ids).logits, atol=1e-5)
+    assert policy.version == 7 and served.active_adapter == "v7"

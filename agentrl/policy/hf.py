@@ -57,9 +57,12 @@ class HFPolicy:
         return await future
 
     async def load_adapter(self, path: str | None, version: int) -> None:
-        """Serve adapter ``version``. With shared weights (``path=None``) only the version moves."""
+        """Serve adapter ``version``: with shared weights (``path=None``) only the version moves; otherwise the
+        PEFT adapter saved at ``path`` is loaded into the (peft) model as ``v<version>`` and made active."""
         if path is not None:
-            self.model.load_adapter(path, adapter_name="default", is_trainable=False)
+            name = f"v{version}"
+            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+            self.model.set_adapter(name)
         self.version = version
 
     async def _drain(self) -> None:
