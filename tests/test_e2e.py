@@ -50,12 +50,14 @@ def test_eval_cli_rejects_unknown_model_args():
 
 
 def test_eval_takes_environments_with_kwargs_from_a_recipe():
+    from agentrl.config import load_recipe
     from agentrl.eval.cli import task_specs
 
-    specs = dict(task_specs(None, str(ROOT / "recipes/quickstart.yaml")))
+    recipe = load_recipe(ROOT / "recipes/quickstart.yaml")
+    specs = dict(task_specs(None, recipe))
     assert specs["calculator"]["max_operand"] == 99 and specs["lookup"]["alphabet"] == "words"
-    assert [name for name, _ in task_specs("lookup", str(ROOT / "recipes/quickstart.yaml"))] == ["lookup"]
+    assert [name for name, _ in task_specs("lookup", recipe)] == ["lookup"]
     with pytest.raises(SystemExit, match="not among"):
-        task_specs("nosuch", str(ROOT / "recipes/quickstart.yaml"))
+        task_specs("nosuch", recipe)
     with pytest.raises(SystemExit, match="--tasks"):
         task_specs(None, None)

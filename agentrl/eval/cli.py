@@ -25,16 +25,14 @@ def parse_model_args(text: str) -> dict[str, str]:
     return out
 
 
-def task_specs(tasks: str | None, config: str | None) -> list[tuple[str, dict]]:
+def task_specs(tasks: str | None, recipe=None) -> list[tuple[str, dict]]:
     """``[(env name or path, kwargs)]`` from ``--tasks`` and/or a recipe's ``envs`` section."""
     names = [n for n in (tasks or "").split(",") if n]
-    if config is None:
+    if recipe is None:
         if not names:
             raise SystemExit("agentrl eval: give --tasks, or --config RECIPE to take the recipe's environments")
         return [(name, {}) for name in names]
-    from agentrl.config import load_recipe
-
-    specs = [(env.name, dict(env.kwargs)) for env in load_recipe(config).envs]
+    specs = [(env.name, dict(env.kwargs)) for env in recipe.envs]
     if names:
         missing = set(names) - {name for name, _ in specs}
         if missing:
@@ -68,8 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(model_args) - {"pretrained", "adapter"}
     if unknown or "pretrained" not in model_args:
         raise SystemExit(f"agentrl eval: --model_args takes pretrained=DIR[,adapter=DIR]; got {args.model_args!r}")
-    specs = task_specs(args.tasks, args.config)
     from agentrl.config import RolloutConfig, load_recipe
+
+    recipe = load_recipe(args.config) if args.config else None
+    specs = task_specs(args.tasks, recipe)
     from agentrl.envs import make_env
     from agentrl.eval.runner import format_table, run_eval_episodes, summarize, test_tasks
     from agentrl.policy.base import SamplingParams
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         env = make_env(name, **kwargs)
         prototypes[env.name], factories[env.name] = env, functools.partial(make_env, name, **kwargs)
     policy = HFPolicy(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch=args.batch_size)
-    rollout = load_recipe(args.config).rollout if args.config else RolloutConfig()  # limits not given on the line
+    rollout = recipe.rollout if recipe else RolloutConfig()  # for the limits not given on the command line
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens or rollout.max_new_tokens,
                               temperature=args.temperature)
     limits = EpisodeLimits(args.max_turns or rollout.max_turns, args.max_total_tokens or rollout.max_total_tokens)

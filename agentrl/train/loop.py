@@ -85,14 +85,14 @@ def evaluate_policy(policy: HFPolicy, chat: ChatFormat, suite: EnvSuite, recipe:
     return summarize(gather_object([t.summary() for t in trajs]))
 
 
-def prepare_model(recipe: Recipe, accelerator: Accelerator):
+def prepare_model(recipe: Recipe, suite: EnvSuite, accelerator: Accelerator):
     """Base model (built if missing) → SFT warm start (if enabled) → fresh LoRA adapter."""
     output = Path(recipe.train.output_dir)
     with accelerator.main_process_first():
         base = ensure_base_model(recipe.model)
     start = base
     if recipe.sft.enabled:
-        start = run_sft(base, output / "sft", build_envs(recipe), recipe.sft, recipe.train.seed)
+        start = run_sft(base, output / "sft", suite, recipe.sft, recipe.train.seed)
     model, tokenizer = load_model(start)
     return add_lora(model, recipe.lora), tokenizer, start
 
@@ -106,7 +106,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
         raise ValueError(f"rollout.tasks_per_step={rcfg.tasks_per_step} must divide by {world} processes")
     set_seed(cfg.seed)
     output = Path(cfg.output_dir)
-    model, tokenizer, start = prepare_model(recipe, accelerator)
+    suite = build_envs(recipe)
+    model, tokenizer, start = prepare_model(recipe, suite, accelerator)
     set_seed(cfg.seed + rank)  # processes sample different completions; the task sampler is shared
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.algo.lr, weight_decay=recipe.algo.weight_decay)
@@ -116,7 +117,6 @@ def train(recipe: Recipe) -> dict[str, Any]:
     peft_model = accelerator.unwrap_model(model)
     policy = HFPolicy(peft_model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch=rcfg.max_batch)
     chat = ChatFormat(tokenizer)
-    suite = build_envs(recipe)
     sampler = TaskSampler({n: (lambda i, e=e: e.task_at("train", i)) for n, e in suite.prototypes.items()},
                           {n: e.split_sizes["train"] for n, e in suite.prototypes.items()},
                           suite.weights, seed=cfg.seed)
