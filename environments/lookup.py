@@ -13,7 +13,9 @@ from agentrl.types import Message, Task, ToolCall
 KEY_WORDS = tuple("""ant bat bee cat cow dog elk emu fox gnu hen jay koi owl pig ram rat yak ape eel
     oak elm fir ash yew ivy fig kiwi lime pear plum date bean corn rice kale leek pea yam
     red tan blue gold pink gray jade ruby rose mint sky sun moon star rain snow wind fog""".split())
-ALPHABETS = {"alnum": string.ascii_lowercase + string.digits, "digits": string.digits, "words": KEY_WORDS}
+# alphabet name -> (symbols, separator between the symbols of one key)
+ALPHABETS = {"alnum": (tuple(string.ascii_lowercase + string.digits), ""), "digits": (tuple(string.digits), ""),
+             "words": (KEY_WORDS, "-")}
 FULL_REWARD = 10.0
 HOP_CREDIT = 2.0
 PARTIAL_CAP = 8.0  # partial credit never reaches the reward of a correct answer
@@ -31,10 +33,11 @@ def normalize_key(key: str) -> str:
     return key.strip().strip("'\"").lower()
 
 
-def _new_key(rng: random.Random, taken: set[str], chars, lengths: tuple[int, int]) -> str:
+def _new_key(rng: random.Random, taken: set[str], alphabet: tuple[tuple[str, ...], str],
+             lengths: tuple[int, int]) -> str:
+    symbols, separator = alphabet
     while True:
-        key = "-".join(rng.choices(chars, k=rng.randint(*lengths))) if isinstance(chars, tuple) else \
-            "".join(rng.choices(chars, k=rng.randint(*lengths)))
+        key = separator.join(rng.choices(symbols, k=rng.randint(*lengths)))
         if key not in taken:
             taken.add(key)
             return key
@@ -64,7 +67,7 @@ class LookupEnv(ToolEnvironment):
         if len(key_length) != 2 or not 1 <= key_length[0] <= key_length[1]:
             raise ValueError(f"key_length must be (shortest, longest) with 1 <= shortest <= longest, got {key_length}")
         # the chain and distractors need distinct keys
-        if len(ALPHABETS[alphabet]) ** key_length[1] < 4 * (max_hops + 1 + distractors):
+        if len(ALPHABETS[alphabet][0]) ** key_length[1] < 4 * (max_hops + 1 + distractors):
             raise ValueError(f"{alphabet} keys of length {key_length} are too few for {max_hops} hops")
         if not 1 <= min_hops <= max_hops:
             raise ValueError(f"need 1 <= min_hops <= max_hops, got {min_hops}, {max_hops}")
@@ -72,7 +75,7 @@ class LookupEnv(ToolEnvironment):
             raise ValueError(f"distractors must be >= 0, got {distractors}")
         super().__init__()
         self.min_hops, self.max_hops, self.distractors = min_hops, max_hops, distractors
-        self.chars, self.key_length = ALPHABETS[alphabet], key_length
+        self.alphabet, self.key_length = ALPHABETS[alphabet], key_length
         kwargs = {"min_hops": min_hops, "max_hops": max_hops, "distractors": distractors, "alphabet": alphabet,
                   "key_length": key_length}
         # Results record the distribution, not just the generator, when the defaults are changed.
@@ -122,7 +125,7 @@ class LookupEnv(ToolEnvironment):
     def make_task(self, rng: random.Random, split: str, index: int) -> Task:
         for _ in range(MAX_DRAWS):
             hops = rng.randint(self.min_hops, self.max_hops)
-            start = _new_key(rng, set(), self.chars, self.key_length)
+            start = _new_key(rng, set(), self.alphabet, self.key_length)
             # (start, hops) is all the prompt says, so splitting on it keeps prompts disjoint.
             if in_test_split(f"{start}/{hops}") == (split == "test"):
                 break
@@ -130,7 +133,7 @@ class LookupEnv(ToolEnvironment):
             raise ValueError(f"{self.task_version}: cannot fill the {split!r} split")
         keys, taken = [start], {start}
         while len(keys) < hops + 1 + self.distractors:
-            keys.append(_new_key(rng, taken, self.chars, self.key_length))
+            keys.append(_new_key(rng, taken, self.alphabet, self.key_length))
         # Every key has a value, the chain runs on into the distractors and the last one loops back.
         table = dict(zip(keys, keys[1:]))
         table[keys[-1]] = rng.choice(keys[:-1])

@@ -13,7 +13,8 @@ import pytest
 from agentrl.envs import make_env
 from agentrl.types import ToolCall
 from environments.calculator import CalculatorEnv
-from environments.lookup import LookupEnv
+from agentrl.rollout.traces import oracle_conversation
+from environments.lookup import KEY_WORDS, LookupEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = [CalculatorEnv, LookupEnv]
@@ -164,3 +165,18 @@ def test_make_env_resolves_names_and_paths():
     assert isinstance(make_env("environments.lookup:LookupEnv", max_hops=4), LookupEnv)
     with pytest.raises(KeyError, match="calculator.*lookup"):
         make_env("no_such_env")
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("calculator", {"min_operand": 10, "max_operand": 99, "ops": ["+", "-"]}),
+    ("lookup", {"alphabet": "words", "key_length": [1, 1]}),
+    ("lookup", {"alphabet": "digits", "key_length": [3, 3], "max_hops": 2}),
+])
+def test_oracle_solves_non_default_settings(name, kwargs):
+    env = make_env(name, **kwargs)
+    tasks = env.tasks("test", 50)
+    assert all("(" in t.version for t in tasks)  # the settings are written into the version
+    for task in tasks:
+        assert oracle_conversation(make_env(name, **kwargs), task).success, task.id
+    if name == "lookup" and kwargs["alphabet"] == "words":
+        assert all(t.data["start"] in KEY_WORDS for t in tasks)
