@@ -30,6 +30,8 @@ _TEMPLATES = {
     "*": ("{name} buys {a} boxes with {b} {item} in each. How many {item} is that?",
           "There are {a} shelves with {b} {item} on each. How many {item} are there in total?"),
 }
+_PLAIN_TEMPLATE = "What is {a} {op} {b}?"
+PHRASINGS = ("words", "plain")
 
 
 def evaluate(expression: str) -> Fraction:
@@ -83,23 +85,30 @@ class CalculatorEnv(ToolEnvironment):
         max_operand: operands are drawn from min_operand..max_operand.
         min_operand: smallest operand (at least 2, so no "1 boxes").
         ops: the operations tasks may use, a subset of ``("+", "-", "*")``.
+        phrasing: "words" for word problems (the operation is implied by the story), "plain" for
+            "What is 46 + 46?" (the expression is in the question; for models that are still learning to copy).
     """
 
     name = "calculator"
     version = "calculator-v1"
     system_prompt = "Solve the problem: use calculate for arithmetic, then call answer with the number."
 
-    def __init__(self, max_operand: int = 999, ops: tuple[str, ...] = DEFAULT_OPS, min_operand: int = 2) -> None:
+    def __init__(self, max_operand: int = 999, ops: tuple[str, ...] = DEFAULT_OPS, min_operand: int = 2,
+                 phrasing: str = "words") -> None:
         ops = tuple(ops)  # configs may pass a list
         if not 2 <= min_operand <= max_operand:
             raise ValueError(f"need 2 <= min_operand <= max_operand, got {min_operand}, {max_operand}")
         if not ops or not set(ops) <= set(_APPLY):
             raise ValueError(f"ops must be a non-empty subset of {DEFAULT_OPS}, got {ops}")
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
         super().__init__()
-        self.min_operand, self.max_operand, self.ops = min_operand, max_operand, ops
+        self.min_operand, self.max_operand, self.ops, self.phrasing = min_operand, max_operand, ops, phrasing
         # Results record the distribution, not just the generator, when the defaults are changed.
-        defaults = (min_operand, max_operand, ops) == (2, 999, DEFAULT_OPS)
+        defaults = (min_operand, max_operand, ops, phrasing) == (2, 999, DEFAULT_OPS, "words")
         shown = f"min_operand={min_operand},max_operand={max_operand},ops={''.join(ops)}"
+        if phrasing != "words":
+            shown += f",phrasing={phrasing}"
         self.task_version = self.version if defaults else f"{self.version}({shown})"
 
     @tool
@@ -139,8 +148,8 @@ class CalculatorEnv(ToolEnvironment):
                 break
         else:
             raise ValueError(f"{self.task_version}: too few distinct problems to fill the {split!r} split")
-        template = rng.choice(_TEMPLATES[op])
-        prompt = template.format(name=rng.choice(_NAMES), item=rng.choice(_ITEMS), a=a, b=b)
+        template = rng.choice(_TEMPLATES[op]) if self.phrasing == "words" else _PLAIN_TEMPLATE
+        prompt = template.format(name=rng.choice(_NAMES), item=rng.choice(_ITEMS), a=a, b=b, op=op)
         data = {"expression": f"{a} {op} {b}", "answer": _APPLY[op](a, b)}
         return Task(env=self.name, split=split, index=index, prompt=prompt, data=data, version=self.task_version)
 

@@ -66,8 +66,13 @@ def test_constructor_kwargs_shape_the_distribution():
     assert tasks == CalculatorEnv(max_operand=9, ops=("*",)).tasks("train", 50)
     hops = {t.data["hops"] for t in LookupEnv(min_hops=4, max_hops=5).tasks("train", 50)}
     assert hops == {4, 5}
+    plain = CalculatorEnv(phrasing="plain").tasks("train", 20)
+    assert all(t.prompt == f"What is {t.data['expression']}?" for t in plain)
+    assert plain[0].version.endswith(",phrasing=plain)")
     with pytest.raises(ValueError):
         CalculatorEnv(ops=("/",))
+    with pytest.raises(ValueError, match="phrasing"):
+        CalculatorEnv(phrasing="poem")
     with pytest.raises(ValueError):
         LookupEnv(min_hops=3, max_hops=2)
 
@@ -169,6 +174,7 @@ def test_make_env_resolves_names_and_paths():
 
 @pytest.mark.parametrize("name, kwargs", [
     ("calculator", {"min_operand": 10, "max_operand": 99, "ops": ["+", "-"]}),
+    ("calculator", {"min_operand": 10, "max_operand": 99, "ops": ["+", "-"], "phrasing": "plain"}),
     ("lookup", {"alphabet": "words", "key_length": [1, 1]}),
     ("lookup", {"alphabet": "digits", "key_length": [3, 3], "max_hops": 2}),
 ])
