@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PAD, EOS, BOS = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
 TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-# Qwen2's pre-tokenizer pattern: digits stay single tokens, which makes copying numbers learnable.
+# Qwen2's pre-tokenizer pattern (transformers' Qwen2Tokenizer re-applies it on load whatever tokenizer.json says):
+# it splits digits apart. The tokenizer then adds every integer 0-999 as a token of its own (see NUMBER_TOKENS).
 _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -69,6 +70,12 @@ def generic_corpus(n: int, seed: int = 0) -> Iterable[str]:
         yield f"{sentence.capitalize()} {rng.randint(0, 10**6)}. {json.dumps(payload)}\n"
 
 
+# Copying a one-token value from the context emerges within a few hundred SFT steps in the tiny model; copying a
+# multi-token value needs induction heads, which had not formed after 600 steps (docs/learning.md). So integers
+# 0-999 are added tokens: matched before pre-tokenization, longest first ("1234" -> "123", "4").
+NUMBER_TOKENS = [str(n) for n in range(1000)]
+
+
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``corpus`` and wrap it as a chat tokenizer with the Qwen2.5 template."""
     core = Tokenizer(models.BPE())
@@ -83,6 +90,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 3000) -> PreTrained
     core.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD,
                                         additional_special_tokens=[BOS] + TOOL_TOKENS)
+    tokenizer.add_tokens(NUMBER_TOKENS)
     tokenizer.chat_template = qwen25_chat_template()
     return tokenizer
 
