@@ -42,7 +42,9 @@ class SFTConfig:
     epochs: float = 1.0
     batch_size: int = 16
     lr: float = 3e-3
+    lr_scheduler: str = "cosine"  # any transformers scheduler name, e.g. "constant", "linear"
     warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
     max_length: int = 1024
 
 
@@ -194,7 +196,18 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise ConfigError(f"{path}: a recipe is a mapping of sections")
     for override in overrides:
         _apply_override(data, override)
-    return _build(Recipe, data, "")
+    recipe = _build(Recipe, data, "")
+    _check_values(recipe)
+    return recipe
+
+
+def _check_values(recipe: Recipe) -> None:
+    """Value checks that would otherwise fail minutes into a run, deep inside a library."""
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if recipe.sft.lr_scheduler not in schedulers:
+        raise ConfigError(f"sft.lr_scheduler: {recipe.sft.lr_scheduler!r} is not one of {schedulers}")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -61,3 +61,9 @@ def test_unknown_names_fail_clearly():
         make_env("nosuchenv")
     with pytest.raises(KeyError, match="known names"):
         resolve("nosuchreward", REWARDS, "reward")
+
+
+def test_bad_sft_scheduler_names_the_key():
+    with pytest.raises(ConfigError, match="sft.lr_scheduler.*'cosin'"):
+        load_recipe(None, ["--sft.lr_scheduler=cosin"])
+    assert load_recipe(None, ["--sft.lr_scheduler=constant"]).sft.lr_scheduler == "constant"

@@ -50,7 +50,8 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
     args = TrlSFTConfig(
         output_dir=str(output_dir / "trainer"), assistant_only_loss=True, max_length=config.max_length,
         per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
-        num_train_epochs=config.epochs, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
+        num_train_epochs=config.epochs, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
         logging_steps=10, save_strategy="no", report_to=[], seed=seed, use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=False,
         # trl defaults to bf16 autocast and gradient checkpointing; on a tiny fp32 model the first slows
