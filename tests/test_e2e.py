@@ -61,3 +61,15 @@ def test_eval_takes_environments_with_kwargs_from_a_recipe():
         task_specs("nosuch", recipe)
     with pytest.raises(SystemExit, match="--tasks"):
         task_specs(None, None)
+
+
+def test_eval_limit_and_temperature_default_to_the_recipe(micro_model_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("envs: [{name: lookup}]\nrollout: {max_new_tokens: 4, max_turns: 1}\n"
+                      "eval: {limit: 2, temperature: 0.5}\n")
+    results = eval_main(["--model_args", f"pretrained={micro_model_dir}", "--config", str(recipe)])
+    assert results["config"]["limit"] == 2 and results["config"]["temperature"] == 0.5
+    assert results["tasks"]["lookup"]["n"] + results["tasks"]["lookup"]["infra_errors"] == 2
+    results = eval_main(["--model_args", f"pretrained={micro_model_dir}", "--config", str(recipe), "--limit", "1",
+                         "--temperature", "0"])
+    assert results["config"]["limit"] == 1 and results["config"]["temperature"] == 0.0

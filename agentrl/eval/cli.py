@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated environment names or module:Class paths (default: the recipe's)")
     parser.add_argument("--config", default=None,
                         help="a training recipe: its environments, with their kwargs, are the tasks")
-    parser.add_argument("--limit", type=int, default=None, help="test tasks per environment (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="test tasks per environment (default: the recipe's eval.limit, else all)")
     parser.add_argument("--output_path", default=None, help="directory for results.json")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (default: the recipe's eval.temperature, else 0)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="per turn (default: recipe's or 64)")
     parser.add_argument("--max_turns", type=int, default=None, help="(default: recipe's or 6)")
     parser.add_argument("--max_total_tokens", type=int, default=None, help="(default: recipe's or 1024)")
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(model_args) - {"pretrained", "adapter"}
     if unknown or "pretrained" not in model_args:
         raise SystemExit(f"agentrl eval: --model_args takes pretrained=DIR[,adapter=DIR]; got {args.model_args!r}")
-    from agentrl.config import RolloutConfig, load_recipe
+    from agentrl.config import EvalConfig, RolloutConfig, load_recipe
 
     recipe = load_recipe(args.config) if args.config else None
     specs = task_specs(args.tasks, recipe)
@@ -90,14 +91,17 @@ def main(argv: list[str] | None = None) -> dict:
         prototypes[env.name], factories[env.name] = env, functools.partial(make_env, name, **kwargs)
     policy = HFPolicy(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch=args.batch_size)
     rollout = recipe.rollout if recipe else RolloutConfig()  # for the limits not given on the command line
+    evaluation = recipe.eval if recipe else EvalConfig()
+    limit = evaluation.limit if args.limit is None and recipe else args.limit
+    temperature = evaluation.temperature if args.temperature is None else args.temperature
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens or rollout.max_new_tokens,
-                              temperature=args.temperature)
+                              temperature=temperature)
     limits = EpisodeLimits(args.max_turns or rollout.max_turns, args.max_total_tokens or rollout.max_total_tokens)
     trajs = run_eval_episodes(policy, ChatFormat(tokenizer), lambda env_name: factories[env_name](),
-                              test_tasks(prototypes, args.limit), sampling, limits)
+                              test_tasks(prototypes, limit), sampling, limits)
     results = summarize([t.summary() for t in trajs])
     results["config"] = {"model": args.model, "model_args": model_args, "tasks": [list(s) for s in specs],
-                         "limit": args.limit, "temperature": args.temperature, "recipe": args.config}
+                         "limit": limit, "temperature": temperature, "recipe": args.config}
     print(format_table(results, title=f"held-out success: {args.model_args}"))
     if args.output_path:
         out = Path(args.output_path)
