@@ -46,6 +46,7 @@ class SFTConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_length: int = 1024
+    fused_lm_head: bool = False  # trl's chunked loss kernel: saves memory on large vocabularies, slow on CPU
 
 
 @dataclass
