@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated environment names or module:Class paths (default: the recipe's)")
     parser.add_argument("--config", default=None,
                         help="a training recipe: its environments, with their kwargs, are the tasks")
-    parser.add_argument("--limit", type=int, default=None, help="test tasks per environment (default: the recipe's eval.limit, else all)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="test tasks per environment (default: the recipe's eval.limit, else all)")
     parser.add_argument("--output_path", default=None, help="directory for results.json")
     parser.add_argument("--temperature", type=float, default=None,
                         help="0 = greedy (default: the recipe's eval.temperature, else 0)")

@@ -79,7 +79,8 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
         # learning to copy (it had not emerged after 600 steps) and the second only costs time.
         bf16=False, gradient_checkpointing=False,
     )
-    trainer = _trainer_class(config.fused_lm_head)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer_class = _trainer_class(config.fused_lm_head)
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     result = trainer.train()
     trainer.save_model(str(output_dir))
     # a fresh copy, in case the trainer swapped in its training chat template
