@@ -74,6 +74,10 @@ def generic_corpus(n: int, seed: int = 0) -> Iterable[str]:
 # multi-token value needs induction heads, which had not formed after 600 steps (docs/learning.md). So integers
 # 0-999 are added tokens: matched before pre-tokenization, longest first ("1234" -> "123", "4").
 NUMBER_TOKENS = [str(n) for n in range(1000)]
+# Bumped whenever a built model changes for the same arguments (2: numbers 0-999 became single tokens), so a
+# directory built by an older version is not silently reused (agentrl.train.setup.ensure_base_model).
+BUILD_FORMAT = 2
+BUILD_STAMP = "agentrl_build.json"
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
@@ -154,4 +158,5 @@ def build_tiny_model(output: str | Path, size: str = "tiny", env_names: list[str
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
+    (output / BUILD_STAMP).write_text(json.dumps({"format": BUILD_FORMAT, "size": size, "seed": seed}))
     return output

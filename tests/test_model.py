@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from agentrl.model import SHAPES, TOOL_TOKENS, qwen25_chat_template
@@ -44,3 +45,19 @@ def test_built_model_loads_and_matches_tokenizer(micro_model_dir, tokenizer):
     assert model.config.eos_token_id == tokenizer.eos_token_id
     config = json.loads((micro_model_dir / "config.json").read_text())
     assert config["model_type"] == "qwen2"
+
+
+def test_a_model_built_by_an_older_agentrl_is_refused_not_reused(micro_model_dir, tmp_path):
+    import shutil
+
+    from agentrl.config import ModelConfig
+    from agentrl.model import BUILD_STAMP
+    from agentrl.train.setup import ensure_base_model
+
+    assert ensure_base_model(ModelConfig(path=str(micro_model_dir), build="micro")) == micro_model_dir
+    old = tmp_path / "old"
+    shutil.copytree(micro_model_dir, old)
+    (old / BUILD_STAMP).unlink()  # what format 1 left behind
+    with pytest.raises(RuntimeError, match="older agentrl.*format 1"):
+        ensure_base_model(ModelConfig(path=str(old), build="tiny"))
+    assert ensure_base_model(ModelConfig(path=str(old), build=None)) == old  # a user's own model: used as is

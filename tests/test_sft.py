@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -33,3 +35,17 @@ def test_dense_loss_and_gradients_equal_trls_fused_ones(micro_model_dir, tmp_pat
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[1].items():  # the tied embedding / lm-head weight included
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_a_finished_sft_model_is_reused_only_for_its_own_settings(tmp_path):
+    from agentrl.train.sft import DONE_MARKER, check_same_settings
+
+    settings = {"sft": {"lr": 0.003, "epochs": 3}, "base": "runs/tiny-model", "seed": 0, "envs": {"lookup": "v1"}}
+    (tmp_path / DONE_MARKER).write_text(json.dumps({"steps": 10, "settings": settings}))
+    check_same_settings(tmp_path, settings)
+    changed = {**settings, "sft": {"lr": 0.005, "epochs": 3}}
+    with pytest.raises(RuntimeError, match=r"other settings \(sft.lr: 0.003 -> 0.005\)"):
+        check_same_settings(tmp_path, changed)
+    (tmp_path / DONE_MARKER).write_text(json.dumps({"steps": 10}))  # written by an older agentrl
+    with pytest.raises(RuntimeError, match="no record of its settings"):
+        check_same_settings(tmp_path, settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,9 +16,21 @@ from agentrl.resolve import resolve
 
 
 def ensure_base_model(config: ModelConfig) -> Path:
-    """The base model directory, built with ``agentrl tiny-model`` first when it is missing."""
+    """The base model directory, built with ``agentrl tiny-model`` first when it is missing.
+
+    A directory that an older agentrl built (another ``BUILD_FORMAT``) is refused rather than reused.
+    """
+    from agentrl.model import BUILD_FORMAT, BUILD_STAMP
+
     path = Path(config.path)
     if (path / "config.json").exists():
+        if config.build is not None:
+            stamp = path / BUILD_STAMP
+            found = json.loads(stamp.read_text()).get("format") if stamp.exists() else 1
+            if found != BUILD_FORMAT:
+                raise RuntimeError(
+                    f"{path} was built by an older agentrl (tiny-model format {found}; this version builds "
+                    f"format {BUILD_FORMAT}). Delete it to rebuild, or set model.build: null to use it as it is.")
         return path
     if config.build is None:
         raise FileNotFoundError(f"model.path={config.path} has no model and model.build is null")

@@ -6,6 +6,7 @@ tokens only (trl swaps in its Qwen2.5 training template, which marks the assista
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,6 +32,32 @@ def oracle_dataset(suite: EnvSuite, examples_per_env: int) -> Dataset:
     # schemas of different environments and add null-valued keys to every tool call.
     features = Features({"messages": List(Json()), "tools": Json()})
     return Dataset.from_list(rows, features=features)
+
+
+def check_same_settings(output_dir: Path, settings: dict) -> None:
+    """A finished SFT model is reused only for the settings it was trained with; otherwise say what differs."""
+    saved = json.loads((output_dir / DONE_MARKER).read_text()).get("settings")
+    if saved == json.loads(json.dumps(settings)):
+        return
+    if saved is None:
+        differences = "it has no record of its settings"
+    else:
+        flat_saved, flat_now = _flatten(saved), _flatten(json.loads(json.dumps(settings)))
+        differences = ", ".join(f"{key}: {flat_saved.get(key)!r} -> {flat_now.get(key)!r}"
+                                for key in sorted(flat_saved.keys() | flat_now.keys())
+                                if flat_saved.get(key) != flat_now.get(key))
+    raise RuntimeError(f"{output_dir} holds an SFT model trained with other settings ({differences}). "
+                       "Delete it, or pick another train.output_dir.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _trainer_class(fused_lm_head: bool):
@@ -60,7 +87,10 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
 
     Skipped when ``output_dir`` already holds a finished SFT model (so a resumed run does not redo it).
     """
+    settings = {"sft": dataclasses.asdict(config), "base": str(base_dir), "seed": seed,
+                "envs": {name: env.task_version for name, env in suite.prototypes.items()}}
     if (output_dir / DONE_MARKER).exists():
+        check_same_settings(output_dir, settings)
         return output_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TrlSFTConfig
@@ -86,7 +116,8 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
     # a fresh copy, in case the trainer swapped in its training chat template
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(output_dir)
     if trainer.accelerator.is_main_process:
-        summary = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset)}
+        summary = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset),
+                   "settings": settings}
         (output_dir / DONE_MARKER).write_text(json.dumps(summary))
     trainer.accelerator.wait_for_everyone()
     return output_dir
