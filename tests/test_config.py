@@ -63,7 +63,10 @@ def test_unknown_names_fail_clearly():
         resolve("nosuchreward", REWARDS, "reward")
 
 
-def test_bad_sft_scheduler_names_the_key():
-    with pytest.raises(ConfigError, match="sft.lr_scheduler.*'cosin'"):
-        load_recipe(None, ["--sft.lr_scheduler=cosin"])
+def test_bad_sft_scheduler_names_the_key(tmp_path):
+    from agentrl.train.sft import run_sft
+
+    recipe = load_recipe(None, ["--sft.lr_scheduler=cosin"])
+    with pytest.raises(ConfigError, match="sft.lr_scheduler.*'cosin'"):  # before the model is even looked for
+        run_sft(tmp_path / "no-model", tmp_path / "sft", None, recipe.sft, 0)
     assert load_recipe(None, ["--sft.lr_scheduler=constant"]).sft.lr_scheduler == "constant"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from datasets import Dataset, Features, Json, List
 
-from agentrl.config import SFTConfig
+from agentrl.config import ConfigError, SFTConfig
 from agentrl.rollout.traces import oracle_conversation
 from agentrl.train.setup import EnvSuite
 
@@ -32,6 +32,15 @@ def oracle_dataset(suite: EnvSuite, examples_per_env: int) -> Dataset:
     # schemas of different environments and add null-valued keys to every tool call.
     features = Features({"messages": List(Json()), "tools": Json()})
     return Dataset.from_list(rows, features=features)
+
+
+def check_scheduler(config: SFTConfig) -> None:
+    """Name the recipe key, before any work, rather than let transformers fail on it after the data is built."""
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if config.lr_scheduler not in schedulers:
+        raise ConfigError(f"sft.lr_scheduler: {config.lr_scheduler!r} is not one of {schedulers}")
 
 
 def check_same_settings(output_dir: Path, settings: dict) -> None:
@@ -87,6 +96,7 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
 
     Skipped when ``output_dir`` already holds a finished SFT model (so a resumed run does not redo it).
     """
+    check_scheduler(config)
     settings = {"sft": dataclasses.asdict(config), "base": str(base_dir), "seed": seed,
                 "envs": {name: env.task_version for name, env in suite.prototypes.items()}}
     if (output_dir / DONE_MARKER).exists():
