@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -85,6 +86,19 @@ def test_train_and_test_do_not_share_tasks(env):
     # With max_operand=20 there are only ~600 problems, so this fails unless the split is enforced.
     solved = lambda tasks: {json.dumps(t.data, sort_keys=True) for t in tasks}  # noqa: E731
     assert not solved(train) & solved(test)
+
+
+def test_lookup_split_membership_does_not_shape_the_hop_distribution(monkeypatch):
+    # Drawing the hop count inside the split's retry loop made a split's hop mix follow how many of its prompts
+    # each hop count happened to get (word keys: 38% 2-hop in the test split); a policy that guesses the hop
+    # count then scored by its guess. Exaggerate the imbalance: every 2-hop prompt is a test prompt.
+    import environments.lookup as lookup
+
+    real = lookup.in_test_split
+    monkeypatch.setattr(lookup, "in_test_split", lambda content: content.endswith("/2") or real(content))
+    tasks = LookupEnv(alphabet="words", key_length=[1, 1]).tasks("test", 200)
+    counts = collections.Counter(t.data["hops"] for t in tasks)
+    assert all(abs(counts[h] / 200 - 1 / 3) < 0.1 for h in (1, 2, 3)), counts
 
 
 def test_calculator_rewards():

@@ -61,3 +61,36 @@ def test_a_model_built_by_an_older_agentrl_is_refused_not_reused(micro_model_dir
     with pytest.raises(RuntimeError, match="older agentrl.*format 1"):
         ensure_base_model(ModelConfig(path=str(old), build="tiny"))
     assert ensure_base_model(ModelConfig(path=str(old), build=None)) == old  # a user's own model: used as is
+
+
+def _span(ids: list[int], text: str, tokenizer) -> list[int]:
+    """The shortest run of ``ids`` that decodes to ``text`` (surrounding spaces ignored)."""
+    runs = [ids[i:j] for i in range(len(ids)) for j in range(i + 1, len(ids) + 1)
+            if tokenizer.decode(ids[i:j]).strip() == text]
+    assert runs, f"{text!r} not in {[tokenizer.decode([i]) for i in ids]}"
+    return min(runs, key=len)
+
+
+def _contains(ids: list[int], run: list[int]) -> bool:
+    return any(ids[i:i + len(run)] == run for i in range(len(ids) - len(run) + 1))
+
+
+@pytest.mark.parametrize("name, kwargs, value", [
+    ("lookup", {}, lambda call: call.arguments["key"]),
+    ("lookup", {"alphabet": "words", "key_length": [1, 1]}, lambda call: call.arguments["key"]),
+    ("calculator", {"phrasing": "plain", "min_operand": 10, "max_operand": 99},
+     lambda call: call.arguments["expression"]),
+])
+def test_first_call_copies_the_same_token_ids_the_prompt_shows(tokenizer, name, kwargs, value):
+    # A from-scratch model copies a value from the prompt into its first call. If the prompt tokenizes it
+    # differently (" pear" after a space against "pear" after a quote), the model must first learn that
+    # mapping for every value: lookup-v1 did, and its copying arrived ~150 SFT steps later (docs/learning.md).
+    from agentrl.envs import make_env
+    from agentrl.policy.scripted import tool_call_text
+
+    env, chat = make_env(name, **kwargs), ChatFormat(tokenizer)
+    for task in env.tasks("test", 5):
+        prompt = chat.prompt_ids(env.reset(task), env.tools())
+        call = env.oracle(task)[0]
+        copied = _span(chat.encode(tool_call_text(call)), str(value(call)), tokenizer)
+        assert _contains(prompt, copied), (task.prompt, [tokenizer.decode([i]) for i in copied])
