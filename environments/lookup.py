@@ -125,7 +125,7 @@ class LookupEnv(ToolEnvironment):
     def make_task(self, rng: random.Random, split: str, index: int) -> Task:
         # Hops are drawn once, outside the retry loop, so both splits have the same hop distribution. Drawn
         # inside it, a split's hop mix followed how many of its prompts each hop count happened to get; with
-        # word keys (about 180 prompts) the test split was 48% 2-hop and 23% 3-hop, so a policy that could not
+        # word keys (about 180 prompts) the test split was 38% 2-hop and 31% 3-hop, so a policy that could not
         # read the hop count scored by which count it guessed.
         hops = rng.randint(self.min_hops, self.max_hops)
         for _ in range(MAX_DRAWS):
@@ -142,7 +142,7 @@ class LookupEnv(ToolEnvironment):
         table = dict(zip(keys, keys[1:]))
         table[keys[-1]] = rng.choice(keys[:-1])
         s = "" if hops == 1 else "s"
-        prompt = f"Start at key \"{start}\" and follow the chain for {hops} hop{s}. Answer with the key you reach."
+        prompt = f'Start at key "{start}" and follow the chain for {hops} hop{s}. Answer with the key you reach.'
         data = {"start": start, "hops": hops, "chain": keys[: hops + 1], "answer": keys[hops], "table": table}
         return Task(env=self.name, split=split, index=index, prompt=prompt, data=data, version=self.task_version)
 
