@@ -84,7 +84,7 @@ def _contains(ids: list[int], run: list[int]) -> bool:
 def test_first_call_copies_the_same_token_ids_the_prompt_shows(tokenizer, name, kwargs, value):
     # A from-scratch model copies a value from the prompt into its first call. If the prompt tokenizes it
     # differently (" pear" after a space against "pear" after a quote), the model must first learn that
-    # mapping for every value: lookup-v1 did, and its copying arrived ~150 SFT steps later (docs/learning.md).
+    # mapping for every value: lookup-v1 did, and its copying arrived 100-150 SFT steps later (docs/learning.md).
     from agentrl.envs import make_env
     from agentrl.policy.scripted import tool_call_text
 
