@@ -47,6 +47,12 @@ class SFTConfig:
     weight_decay: float = 0.0
     max_length: int = 1024
     fused_lm_head: bool = False  # trl's chunked loss kernel: saves memory on large vocabularies, slow on CPU
+    # Early stop for a warm start: > 0 ends SFT once, in every environment, at least this fraction of held-out
+    # oracle episodes (train-split tasks the SFT data does not use) is reproduced token for token by greedy
+    # teacher-forced decoding. Checked every `eval_every` steps on `eval_examples` episodes per environment.
+    stop_at_accuracy: float = 0.0
+    eval_every: int = 25
+    eval_examples: int = 32
 
 
 @dataclass

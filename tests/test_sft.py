@@ -49,3 +49,81 @@ def test_a_finished_sft_model_is_reused_only_for_its_own_settings(tmp_path):
     (tmp_path / DONE_MARKER).write_text(json.dumps({"steps": 10}))  # written by an older agentrl
     with pytest.raises(RuntimeError, match="no record of its settings"):
         check_same_settings(tmp_path, settings)
+
+
+class _Replay(torch.nn.Module):
+    """Logits that put the argmax on a chosen next token: the true one, except where ``wrong`` says."""
+
+    def __init__(self, vocab: int, wrong: torch.Tensor) -> None:
+        super().__init__()
+        self.vocab, self.wrong = vocab, wrong
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        target = torch.roll(input_ids, -1, dims=1)
+        target = torch.where(self.wrong, (target + 1) % self.vocab, target)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(target, self.vocab).float()})()
+
+
+def test_oracle_accuracy_counts_episodes_with_every_scored_token_right():
+    from agentrl.train.sft import oracle_accuracy
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [5, 6, 7, 8, 9]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, -100, 7, 8, -100], [-100, -100, 7, 8, -100]])
+    wrong = torch.zeros_like(ids, dtype=torch.bool)
+    wrong[1, 2] = True  # episode 1: predicts a wrong token at a scored position (predicting label 8)
+    wrong[2, 0] = True  # episode 2: wrong only where there is no loss (the prompt), so it still counts
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert oracle_accuracy(_Replay(16, wrong), [batch]) == pytest.approx(2 / 3)
+
+
+def _sft_recipe(tmp_path, micro_model_dir, *extra):
+    return load_recipe(None, [f"--model.path={micro_model_dir}", "--envs=[{name: calculator}, {name: lookup}]",
+                              "--sft.examples_per_env=4", "--sft.batch_size=2", "--sft.epochs=1",
+                              "--sft.eval_every=1", "--sft.eval_examples=3", *extra])
+
+
+def test_sft_early_stop_scores_held_out_episodes_and_records_them(micro_model_dir, tmp_path):
+    from agentrl.train.sft import DONE_MARKER, run_sft
+
+    recipe = _sft_recipe(tmp_path, micro_model_dir, "--sft.stop_at_accuracy=1.0")
+    run_sft(micro_model_dir, tmp_path / "sft", build_envs(recipe), recipe.sft, 0)
+    summary = json.loads((tmp_path / "sft" / DONE_MARKER).read_text())
+    assert summary["steps"] == 4  # a random micro model never reaches 1.0, so every step runs
+    assert summary["stopped_early_at"] is None
+    assert [h["step"] for h in summary["oracle_accuracy"]] == [1, 2, 3, 4]
+    assert all(set(h["accuracy"]) == {"calculator", "lookup"} for h in summary["oracle_accuracy"])
+
+
+def test_sft_stops_at_the_first_check_where_every_environment_reaches_the_threshold(micro_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    from agentrl.train import sft
+
+    scores = iter([0.1, 0.9, 0.9, 0.2, 0.8, 0.7])  # (calculator, lookup) at steps 1, 2, 3 of 4
+    monkeypatch.setattr(sft, "oracle_accuracy", lambda model, batches: next(scores))
+    recipe = _sft_recipe(tmp_path, micro_model_dir, "--sft.stop_at_accuracy=0.5")
+    sft.run_sft(micro_model_dir, tmp_path / "sft", build_envs(recipe), recipe.sft, 0)
+    summary = json.loads((tmp_path / "sft" / sft.DONE_MARKER).read_text())
+    assert summary["stopped_early_at"] == 3 and summary["steps"] == 3
+
+
+def test_held_out_oracle_episodes_are_not_in_the_sft_data(micro_model_dir, tmp_path):
+    from agentrl.train.sft import validation_sets
+
+    recipe = _sft_recipe(tmp_path, micro_model_dir)
+    suite = build_envs(recipe)
+    train = {json.dumps(row["messages"]) for row in oracle_dataset(suite, recipe.sft.examples_per_env)}
+    held_out = validation_sets(suite, recipe.sft)
+    assert sorted(held_out) == ["calculator", "lookup"]
+    for rows in held_out.values():
+        assert len(rows) == 3 and not train & {json.dumps(row["messages"]) for row in rows}
+
+
+@pytest.mark.parametrize("override, key", [("--sft.stop_at_accuracy=1.5", "sft.stop_at_accuracy"),
+                                           ("--sft.eval_every=0", "sft.eval_every")])
+def test_bad_early_stop_settings_name_the_key(override, key):
+    from agentrl.config import ConfigError
+    from agentrl.train.sft import check_early_stop
+
+    with pytest.raises(ConfigError, match=key):
+        check_early_stop(load_recipe(None, [override]).sft)

@@ -10,7 +10,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 from datasets import Dataset, Features, Json, List
+from transformers import TrainerCallback
 
 from agentrl.config import ConfigError, SFTConfig
 from agentrl.rollout.traces import oracle_conversation
@@ -19,11 +21,12 @@ from agentrl.train.setup import EnvSuite
 DONE_MARKER = "sft_done.json"
 
 
-def oracle_dataset(suite: EnvSuite, examples_per_env: int) -> Dataset:
-    """Oracle conversations from each environment's train split; every one must succeed."""
+def oracle_dataset(suite: EnvSuite, examples_per_env: int, start: int = 0,
+                   envs: list[str] | None = None) -> Dataset:
+    """Oracle conversations from train-split tasks ``start .. start+examples_per_env``; every one must succeed."""
     rows = []
-    for name, env in suite.prototypes.items():
-        for task in env.tasks("train", examples_per_env):
+    for name in envs or list(suite.prototypes):
+        for task in suite.prototypes[name].tasks("train", examples_per_env, start=start):
             conversation = oracle_conversation(suite.make(name), task)
             if not conversation.success:
                 raise RuntimeError(f"oracle failed on {task.id}: an SFT trace must be a correct one")
@@ -32,6 +35,83 @@ def oracle_dataset(suite: EnvSuite, examples_per_env: int) -> Dataset:
     # schemas of different environments and add null-valued keys to every tool call.
     features = Features({"messages": List(Json()), "tools": Json()})
     return Dataset.from_list(rows, features=features)
+
+
+def check_early_stop(config: SFTConfig) -> None:
+    if not 0.0 <= config.stop_at_accuracy <= 1.0:
+        raise ConfigError(f"sft.stop_at_accuracy: {config.stop_at_accuracy} is not a fraction in [0, 1] (0 = off)")
+    for key in ("eval_every", "eval_examples"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"sft.{key}: {getattr(config, key)} must be at least 1")
+
+
+@torch.no_grad()
+def oracle_accuracy(model, batches: list[dict]) -> float:
+    """Fraction of episodes whose every loss-carrying token is the model's argmax given the true prefix.
+
+    ``batches`` are collated SFT batches (``input_ids``, ``attention_mask``, ``labels`` with -100 where there is
+    no loss). An episode counts only if all its assistant tokens are right: that is the episode greedy decoding
+    would reproduce, so it tracks greedy success far better than the loss does.
+    """
+    was_training = model.training
+    model.eval()
+    exact = total = 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        predicted, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+        scored = labels != -100
+        exact += int(((predicted == labels) | ~scored).all(dim=1).sum())
+        total += labels.shape[0]
+    model.train(was_training)
+    return exact / total
+
+
+class EarlyStopOnOracleAccuracy(TrainerCallback):
+    """Ends SFT once every environment's held-out oracle accuracy reaches ``threshold``.
+
+    Every rank scores the same full validation set with the same weights, so all ranks take the same
+    decision (a per-rank shard could stop one rank and hang the others).
+    """
+
+    def __init__(self, batches: dict[str, list[dict]], threshold: float, every: int) -> None:
+        self.batches, self.threshold, self.every = batches, threshold, every
+        self.history: list[dict] = []
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every:
+            return control
+        device = next(model.parameters()).device
+        accuracy = {}
+        for name, batches in self.batches.items():
+            on_device = [{key: value.to(device) for key, value in batch.items()} for batch in batches]
+            accuracy[name] = round(oracle_accuracy(model, on_device), 4)
+        self.history.append({"step": state.global_step, "accuracy": accuracy})
+        shown = "  ".join(f"{name} {value:.2f}" for name, value in accuracy.items())
+        if state.is_world_process_zero:
+            print(f"SFT step {state.global_step}: held-out oracle accuracy  {shown}", flush=True)
+        if min(accuracy.values()) >= self.threshold:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+            if state.is_world_process_zero:
+                print(f"SFT stops at step {state.global_step}: every environment reached "
+                      f"sft.stop_at_accuracy={self.threshold}", flush=True)
+        return control
+
+
+def validation_sets(suite: EnvSuite, config: SFTConfig) -> dict[str, Dataset]:
+    """Held-out oracle episodes per environment: the train-split tasks right after the SFT data's."""
+    return {name: oracle_dataset(suite, config.eval_examples, start=config.examples_per_env, envs=[name])
+            for name in suite.prototypes}
+
+
+def collated_batches(trainer, name: str, batch_size: int) -> list[dict]:
+    """An eval set the trainer prepared (tokenized with the training template), collated as training is."""
+    prepared = trainer.eval_dataset[name]
+    examples = [prepared[i] for i in range(len(prepared))]
+    return [{key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+            for batch in (trainer.data_collator(examples[i:i + batch_size])
+                          for i in range(0, len(examples), batch_size))]
 
 
 def check_scheduler(config: SFTConfig) -> None:
@@ -98,6 +178,7 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
     Skipped when ``output_dir`` already holds a finished SFT model (so a resumed run does not redo it).
     """
     check_scheduler(config)
+    check_early_stop(config)
     settings = {"sft": dataclasses.asdict(config), "base": str(base_dir), "seed": seed,
                 "envs": {name: env.task_version for name, env in suite.prototypes.items()}}
     if (output_dir / DONE_MARKER).exists():
@@ -121,7 +202,16 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
         bf16=False, gradient_checkpointing=False,
     )
     trainer_class = _trainer_class(config.fused_lm_head)
-    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    # Held-out sets go in as eval datasets so trl tokenizes them exactly like the training data; the trainer
+    # never evaluates them itself (eval_strategy stays "no"), the early-stop callback does.
+    eval_sets = validation_sets(suite, config) if config.stop_at_accuracy > 0 else None
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, eval_dataset=eval_sets,
+                            processing_class=tokenizer)
+    early_stop = None
+    if eval_sets:
+        batches = {name: collated_batches(trainer, name, config.batch_size) for name in eval_sets}
+        early_stop = EarlyStopOnOracleAccuracy(batches, config.stop_at_accuracy, config.eval_every)
+        trainer.add_callback(early_stop)
     result = trainer.train()
     trainer.save_model(str(output_dir))
     # a fresh copy, in case the trainer swapped in its training chat template
@@ -129,6 +219,12 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
     if trainer.accelerator.is_main_process:
         summary = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset),
                    "settings": settings}
+        if early_stop is not None:
+            summary["stopped_early_at"] = early_stop.stopped_at  # None: the threshold was not reached
+            summary["oracle_accuracy"] = early_stop.history
+            if early_stop.stopped_at is None:
+                print(f"SFT ran all {result.global_step} steps without every environment reaching "
+                      f"sft.stop_at_accuracy={config.stop_at_accuracy}", flush=True)
         (output_dir / DONE_MARKER).write_text(json.dumps(summary))
     trainer.accelerator.wait_for_everyone()
     return output_dir
