@@ -15,6 +15,8 @@ commands:
   eval         held-out success on environments' test splits
                  agentrl eval --model hf --model_args pretrained=DIR,adapter=DIR --tasks calculator,lookup --limit 50
   envs         list the environments in the name table with their tools
+  serve-env    serve environments' sessions over HTTP (docs/env-service.md)
+                 agentrl serve-env --env calculator --env lookup --host 127.0.0.1 --port 8123
 """
 
 
@@ -43,6 +45,55 @@ def list_envs(argv: list[str]) -> None:
         print(f"{name:<12} {env.version:<16} splits={env.split_sizes}  tools: {tools}")
 
 
+SERVE_ENV_EXAMPLE = """examples:
+  agentrl serve-env --env calculator --env lookup --port 8123
+  agentrl serve-env --env my_pkg.envs:ShopEnv --env_kwargs 'my_pkg.envs:ShopEnv={"level": 2}' --port 0
+  # then, in a recipe:  envs: [{name: calculator, url: "http://127.0.0.1:8123"}]"""
+
+
+def serve_env(argv: list[str]) -> None:
+    import json
+
+    from agentrl.envs.server import DEFAULT_MAX_REQUEST_BYTES, env_factories, serve
+    from agentrl.envs.sessions import EnvService
+    from agentrl.envs.wire import API_VERSION
+
+    parser = argparse.ArgumentParser(prog="agentrl serve-env", epilog=SERVE_ENV_EXAMPLE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Serve environments' sessions over HTTP (API in docs/env-service.md; "
+                                                 "OpenAPI at /openapi.json).")
+    parser.add_argument("--env", action="append", required=True, metavar="NAME",
+                        help="an environment in the name table or a module:Class path; repeat for more")
+    parser.add_argument("--env_kwargs", action="append", default=[], metavar="NAME=JSON",
+                        help="constructor arguments of the --env given as NAME, as a JSON object")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8123, help="0 picks a free port (the printed URL says which)")
+    parser.add_argument("--workers", type=int, default=16,
+                        help="threads that run environment methods (sessions live in this one process)")
+    parser.add_argument("--call_timeout", type=float, default=30.0, help="seconds one environment call may take")
+    parser.add_argument("--session_ttl", type=float, default=600.0, help="seconds before an idle session expires")
+    parser.add_argument("--max_sessions", type=int, default=10_000)
+    parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    kwargs: dict[str, dict] = {}
+    for item in args.env_kwargs:
+        name, sep, text = item.partition("=")
+        if not sep or name not in args.env:
+            parser.error(f"--env_kwargs {item!r}: want NAME=JSON with NAME one of the --env values {args.env}")
+        try:
+            kwargs[name] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--env_kwargs {item!r}: not JSON ({exc})")
+        if not isinstance(kwargs[name], dict):
+            parser.error(f"--env_kwargs {item!r}: want a JSON object")
+    service = EnvService(env_factories([(name, kwargs.get(name, {})) for name in args.env]), threads=args.workers,
+                         call_timeout=args.call_timeout, session_ttl=args.session_ttl, max_sessions=args.max_sessions)
+    names = ", ".join(service.prototypes)
+    serve(service, args.host, args.port, max_request_bytes=args.max_request_bytes, log_level=args.log_level,
+          announce=lambda url: print(f"agentrl serve-env: {names} at {url} (API {API_VERSION})", flush=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -61,5 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_main(rest)
     elif command == "envs":
         list_envs(rest)
+    elif command == "serve-env":
+        serve_env(rest)
     else:
         raise SystemExit(f"agentrl: unknown command {command!r}\n\n{USAGE}")

@@ -33,6 +33,7 @@ class EnvConfig:
     weight: float = 1.0  # share of sampled task instances
     reward: str = "env_reward"  # name in the rewards table, or "module:function"
     kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments
+    url: str = ""  # an `agentrl serve-env` server that runs it (name: as served there; kwargs: given to the server)
 
 
 @dataclass

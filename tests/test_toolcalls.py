@@ -44,3 +44,15 @@ def test_malformed_shapes_become_errors():
 def test_plain_text_has_no_items():
     parsed = parse_completion("The answer is 42.")
     assert parsed.items == [] and parsed.content == "The answer is 42."
+
+
+def test_json_the_decoder_gives_up_on_is_an_error_not_an_exception():
+    # json.loads raises RecursionError on deep nesting and ValueError on 4300+ digit integers
+    cases = {'<tool_call>' + "[" * 100_000 + '</tool_call>': "RecursionError",
+             '<tool_call>{"name": "a", "arguments": {"v": ' + "7" * 5000 + '}}</tool_call>': "digits",
+             '<tool_call>{"name": "a", "arguments": "' + "[" * 100_000 + '"}</tool_call>': "not valid JSON",
+             '<tool_call>{"name": "a", "arguments": "' + "7" * 5000 + '"}</tool_call>': "not valid JSON"}
+    for text, fragment in cases.items():
+        parsed = parse_completion(text)
+        assert parsed.calls == [] and len(parsed.errors) == 1 and fragment in parsed.errors[0], parsed.errors
+        assert len(parsed.errors[0]) < 500

@@ -18,6 +18,16 @@ from agentrl.types import Message, StepResult, Task, ToolCall, ToolSpec
 TRUNCATION_MARKER = "\n...[output truncated]"
 
 
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters with :data:`TRUNCATION_MARKER` appended, or unchanged if it fits.
+
+    Example:
+        >>> truncate("abcdef", 3) == "abc" + TRUNCATION_MARKER
+        True
+    """
+    return text if len(text) <= limit else text[:limit] + TRUNCATION_MARKER
+
+
 def tool(fn: Callable[..., str]) -> Callable[..., str]:
     """Mark a method as a tool the model can call. It must be typed, docstringed and return a string."""
     fn.__agentrl_tool__ = True  # type: ignore[attr-defined]
@@ -86,6 +96,9 @@ class ToolEnvironment:
         self.done = False
         self.reward: float | None = None
         self.info: dict[str, Any] = {}
+        # Results record the task version; subclasses whose constructor arguments change the task
+        # distribution overwrite it with one that names them (see CalculatorEnv).
+        self.task_version: str = self.version
 
     # --- episode side -------------------------------------------------------------------------
     def tools(self) -> list[ToolSpec]:
@@ -104,7 +117,9 @@ class ToolEnvironment:
         self.info["success"] = bool(success)
 
     def error(self, message: str) -> StepResult:
+        """A bad call's error observation (truncated like any output: a call can quote a huge argument)."""
         self.info["tool_errors"] += 1
+        message = truncate(message, self.max_observation_chars)
         return StepResult(observation=f"Error: {message}", info={"tool_error": message})
 
     def step(self, call: ToolCall) -> StepResult:
@@ -121,8 +136,7 @@ class ToolEnvironment:
         observation = self._methods[call.name](**call.arguments)
         if not isinstance(observation, str):
             raise TypeError(f"tool {call.name} returned {type(observation).__name__}, not str")
-        if len(observation) > self.max_observation_chars:
-            observation = observation[: self.max_observation_chars] + TRUNCATION_MARKER
+        observation = truncate(observation, self.max_observation_chars)
         if not self.done:
             return StepResult(observation=observation)
         return StepResult(observation=observation, reward=self.reward, done=True, info=dict(self.info))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     recipe = load_recipe(args.config) if args.config else None
     specs = task_specs(args.tasks, recipe)
-    from agentrl.envs import make_env
+    from agentrl.envs import env_factory
     from agentrl.eval.runner import format_table, run_eval_episodes, summarize, test_tasks
     from agentrl.policy.base import SamplingParams
     from agentrl.policy.hf import HFPolicy
@@ -87,9 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
         model = PeftModel.from_pretrained(model, model_args["adapter"])
     model.eval()
     prototypes, factories = {}, {}
+    urls = {env.name: env.url for env in recipe.envs} if recipe else {}
     for name, kwargs in specs:
-        env = make_env(name, **kwargs)
-        prototypes[env.name], factories[env.name] = env, functools.partial(make_env, name, **kwargs)
+        env, factory = env_factory(name, kwargs, urls.get(name, ""))
+        prototypes[env.name], factories[env.name] = env, factory
     policy = HFPolicy(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch=args.batch_size)
     rollout = recipe.rollout if recipe else RolloutConfig()  # for the limits not given on the command line
     evaluation = recipe.eval if recipe else EvalConfig()

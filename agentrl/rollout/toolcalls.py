@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from agentrl.types import ToolCall
 
@@ -36,6 +37,23 @@ def _parse_one(body: str) -> ToolCall | str:
         payload = json.loads(body)
     except json.JSONDecodeError as exc:
         return f"tool call is not valid JSON ({exc.msg} at char {exc.pos}): {body[:200]!r}"
+    except (ValueError, RecursionError) as exc:  # json gives up on deep nesting and on 4300+ digit integers
+        return f"tool call cannot be parsed ({type(exc).__name__}: {str(exc)[:100]}): {body[:200]!r}"
+    return parse_call(payload)
+
+
+def parse_call(payload: Any) -> ToolCall | str:
+    """Check a decoded ``{"name": str, "arguments": object | JSON string}`` call; return it or an error string.
+
+    The one place that judges a call's shape, for completions parsed here and for calls that reach the
+    env service over HTTP, so both paths give the model the same error text.
+
+    Example:
+        >>> parse_call({"name": "get", "arguments": '{"key": "a"}'})
+        ToolCall(name='get', arguments={'key': 'a'})
+        >>> parse_call({"name": "get", "arguments": "{"})
+        "arguments of get are a string that is not valid JSON: '{'"
+    """
     if not isinstance(payload, dict):
         return f"tool call must be a JSON object with 'name' and 'arguments', got {type(payload).__name__}"
     name, arguments = payload.get("name"), payload.get("arguments", {})
@@ -44,7 +62,7 @@ def _parse_one(body: str) -> ToolCall | str:
     if isinstance(arguments, str):  # OpenAI style: arguments as a JSON string
         try:
             arguments = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, or nesting / integer size json gives up on
             return f"arguments of {name} are a string that is not valid JSON: {arguments[:200]!r}"
     if not isinstance(arguments, dict):
         return f"arguments of {name} must be a JSON object, got {type(arguments).__name__}"

@@ -17,14 +17,20 @@ class Conversation:
 
 
 def oracle_conversation(env: Environment, task: Task) -> Conversation:
-    """Play ``env.oracle(task)`` through the environment; one assistant message per tool call."""
-    messages = list(env.reset(task))
-    reward, success = 0.0, False
-    for call in env.oracle(task):
-        result = env.step(call)
-        messages.append({"role": "assistant", "content": "", "tool_calls": [call.to_message_entry()]})
-        messages.append({"role": "tool", "name": call.name, "content": result.observation})
-        if result.done:
-            reward, success = float(result.reward), bool(result.info.get("success", False))
-            break
-    return Conversation(messages=messages, tools=env.tools(), reward=reward, success=success)
+    """Play ``env.oracle(task)`` through the environment; one assistant message per tool call.
+
+    The environment is closed afterwards (a remote one holds a session on its server until then).
+    """
+    try:
+        messages = list(env.reset(task))
+        reward, success = 0.0, False
+        for call in env.oracle(task):
+            result = env.step(call)
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call.to_message_entry()]})
+            messages.append({"role": "tool", "name": call.name, "content": result.observation})
+            if result.done:
+                reward, success = float(result.reward), bool(result.info.get("success", False))
+                break
+        return Conversation(messages=messages, tools=env.tools(), reward=reward, success=success)
+    finally:
+        env.close()

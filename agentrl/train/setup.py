@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agentrl.config import LoRAConfig, ModelConfig, Recipe
-from agentrl.envs import make_env
+from agentrl.envs import env_factory
 from agentrl.resolve import resolve
 
 
@@ -70,11 +70,11 @@ def build_envs(recipe: Recipe) -> EnvSuite:
 
     factories, rewards, weights, prototypes = {}, {}, {}, {}
     for spec in recipe.envs:
-        env = make_env(spec.name, **spec.kwargs)
+        env, factory = env_factory(spec.name, spec.kwargs, spec.url)
         name = env.name
         if name in factories:
             raise ValueError(f"environment {name!r} appears twice in the recipe")
-        factories[name] = (lambda s=spec: make_env(s.name, **s.kwargs))
+        factories[name] = factory
         rewards[name] = resolve(spec.reward, REWARDS, "reward")
         weights[name] = spec.weight
         prototypes[name] = env

@@ -1,0 +1,362 @@
+"""The env server: environments' sessions over HTTP (FastAPI on uvicorn), for ``agentrl serve-env``.
+
+Routes (every JSON reply carries ``api_version``; docs/env-service.md has examples, ``/openapi.json`` the schema):
+
+- ``GET /health`` — liveness, served environments, open sessions.
+- ``GET /envs`` — each environment's name, version, task version, split sizes and OpenAI tool schemas.
+- ``GET /envs/{env}/tasks?split=&start=&n=`` — generated tasks, ground truth included (for the trainer).
+- ``GET /envs/{env}/oracle?split=&index=`` — the scripted expert's calls for one task.
+- ``POST /sessions`` ``{"env", "split", "index" | "seed"}`` — open an episode: opening messages, tools.
+- ``POST /sessions/{id}/step`` ``{"tool_calls": [OpenAI-format calls]}`` — tool results, reward, done, info.
+- ``DELETE /sessions/{id}`` — close the episode.
+
+Errors are ``{"api_version", "error": {"type", "message", "details"?}}`` with a 4xx status for misuse
+(unknown session 404, busy session 409, invalid body 422, body too large 413) and 5xx when the environment
+raised (500 ``env_exception``) or timed out outside a tool call (504). A bad tool call is not an HTTP
+error: the model gets an ``Error: ...`` tool result, exactly as in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Callable, Iterator
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agentrl.envs import make_env
+from agentrl.envs.sessions import MAX_TASKS_PER_REQUEST, EnvService, ServiceError
+from agentrl.envs.wire import API_VERSION
+
+log = logging.getLogger(__name__)
+MAX_CALLS_PER_STEP = 64
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+
+
+# --- request and reply bodies (they also make the OpenAPI description) ---------------------------
+class _Request(BaseModel):
+    # Strict and closed, like recipes: "3" is not an index, and a misspelt key is an error, not a default.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class CreateSession(_Request):
+    env: str = Field(description="environment name, as GET /envs lists it")
+    split: str = Field("train", description='task split, e.g. "train" or "test"')
+    index: int | None = Field(None, description="task index in the split (give index or seed)")
+    seed: int | None = Field(None, description="draw the task index from this seed (give index or seed)")
+
+
+class StepRequest(_Request):
+    tool_calls: list[Any] = Field(min_length=1, max_length=MAX_CALLS_PER_STEP, description=(
+        'OpenAI-format calls: {"id": "call_0", "type": "function", "function": {"name": "calculate", '
+        '"arguments": "{\\"expression\\": \\"2+2\\"}"}}; arguments may be a JSON string or an object'))
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+    details: Any = None
+
+
+class ErrorReply(BaseModel):
+    api_version: str
+    error: ErrorInfo
+
+
+class TaskBody(BaseModel):
+    env: str
+    split: str
+    index: int
+    prompt: str
+    data: dict[str, Any]
+    version: str
+
+
+class EnvBody(BaseModel):
+    name: str
+    version: str
+    task_version: str
+    splits: dict[str, int]
+    tools: list[dict[str, Any]]
+
+
+class HealthReply(BaseModel):
+    api_version: str
+    status: str
+    envs: list[str]
+    sessions: int
+
+
+class EnvsReply(BaseModel):
+    api_version: str
+    envs: list[EnvBody]
+
+
+class TasksReply(BaseModel):
+    api_version: str
+    tasks: list[TaskBody]
+
+
+class OracleReply(BaseModel):
+    api_version: str
+    task: TaskBody
+    tool_calls: list[dict[str, Any]]
+
+
+class SessionReply(BaseModel):
+    api_version: str
+    session_id: str
+    env: str
+    task: TaskBody
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+
+
+class StepResultBody(BaseModel):
+    observation: str
+    reward: float | None
+    done: bool
+    info: dict[str, Any]
+
+
+class StepReply(BaseModel):
+    api_version: str
+    session_id: str
+    results: list[StepResultBody] = Field(description="one per call that ran, in order")
+    messages: list[dict[str, Any]] = Field(description="the same results as OpenAI tool messages")
+    done: bool
+    reward: float | None
+    info: dict[str, Any]
+
+
+class CloseReply(BaseModel):
+    api_version: str
+    session_id: str
+    closed: bool
+
+
+# --- replies ---------------------------------------------------------------------------------------
+class SafeJSONResponse(JSONResponse):
+    """JSON that any input can be echoed into: ASCII-escaped (a lone surrogate from a request cannot break
+    UTF-8 encoding) and strict (NaN is refused when the body is built, not sent as invalid JSON)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _reply(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> SafeJSONResponse:
+    return SafeJSONResponse({"api_version": API_VERSION, **body}, status_code=status, headers=headers)
+
+
+def _error(status: int, kind: str, message: str, details: Any = None,
+           headers: dict[str, str] | None = None) -> SafeJSONResponse:
+    error = {"type": kind, "message": message}
+    if details is not None:
+        error["details"] = details
+    return _reply({"error": error}, status, headers)
+
+
+_HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorReply}
+                                             for status in (404, 409, 413, 422, 500, 503, 504)}
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 before the app parses them."""
+
+    def __init__(self, app: Callable, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:  # read the whole body here (chunked bodies have no declared length)
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict, receive: Callable, send: Callable) -> None:
+        reply = _error(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
+        await reply(scope, receive, send)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> SafeJSONResponse:
+        return _error(exc.status, exc.kind, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
+        # loc/msg/type only: "input" and "ctx" echo the (possibly huge, possibly unencodable) input
+        problems = [{"loc": [str(part) for part in e["loc"]], "msg": e["msg"], "type": e["type"]}
+                    for e in exc.errors()[:20]]
+        first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
+        return _error(422, "invalid_request", f"{'.'.join(first['loc'])}: {first['msg']}", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
+        return _error(exc.status_code, _HTTP_KINDS.get(exc.status_code, "http_error"), str(exc.detail),
+                      headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> SafeJSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error(500, "internal_error", f"{type(exc).__name__}: {str(exc)[:500]}")
+
+
+def create_app(service: EnvService, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The HTTP app over ``service``; it expires idle sessions while it runs and shuts the service down after.
+
+    Example:
+        >>> from agentrl.envs import make_env
+        >>> app = create_app(EnvService({"calculator": lambda: make_env("calculator")}))
+        >>> sorted(app.openapi()["paths"])[:2]
+        ['/envs', '/envs/{env}/oracle']
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sweeper = asyncio.create_task(service.expire_forever())
+        yield
+        sweeper.cancel()
+        service.shutdown()
+
+    app = FastAPI(title="agentrl env service", version=API_VERSION, lifespan=lifespan,
+                  default_response_class=SafeJSONResponse,
+                  description="Environments' sessions over HTTP: the function-call API of agentrl. "
+                              "See docs/env-service.md.")
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+
+    @app.get("/health", response_model=HealthReply)
+    async def health() -> SafeJSONResponse:
+        return _reply({"status": "ok", "envs": sorted(service.prototypes), "sessions": len(service.sessions)})
+
+    @app.get("/envs", response_model=EnvsReply)
+    async def envs() -> SafeJSONResponse:
+        return _reply({"envs": service.describe()})
+
+    @app.get("/envs/{env}/tasks", response_model=TasksReply, responses=_ERRORS)
+    async def tasks(env: str, split: str = Query(...), start: int = Query(0, ge=0),
+                    n: int = Query(1, ge=1, le=MAX_TASKS_PER_REQUEST)) -> SafeJSONResponse:
+        return _reply({"tasks": await service.tasks(env, split, start, n)})
+
+    @app.get("/envs/{env}/oracle", response_model=OracleReply, responses=_ERRORS)
+    async def oracle(env: str, split: str = Query(...), index: int = Query(..., ge=0)) -> SafeJSONResponse:
+        return _reply(await service.oracle(env, split, index))
+
+    @app.post("/sessions", response_model=SessionReply, responses=_ERRORS)
+    async def create_session(body: CreateSession) -> SafeJSONResponse:
+        return _reply(await service.create(body.env, body.split, body.index, body.seed))
+
+    @app.post("/sessions/{session_id}/step", response_model=StepReply, responses=_ERRORS)
+    async def step(session_id: str, body: StepRequest) -> SafeJSONResponse:
+        return _reply(await service.step(session_id, body.tool_calls))
+
+    @app.delete("/sessions/{session_id}", response_model=CloseReply, responses=_ERRORS)
+    async def close(session_id: str) -> SafeJSONResponse:
+        return _reply(await service.close(session_id))
+
+    return app
+
+
+def env_factories(specs: list[tuple[str, dict[str, Any]]]) -> dict[str, Callable[[], Any]]:
+    """``[(name or module:Class, kwargs)]`` → ``{served name: factory}``, names resolved as recipes resolve them.
+
+    Example:
+        >>> list(env_factories([("calculator", {"max_operand": 20})]))
+        ['calculator']
+    """
+    factories: dict[str, Callable[[], Any]] = {}
+    for name, kwargs in specs:
+        served = make_env(name, **kwargs).name
+        if served in factories:
+            raise ValueError(f"two --env entries serve an environment named {served!r}")
+        factories[served] = functools.partial(make_env, name, **kwargs)
+    return factories
+
+
+@contextmanager
+def serve_in_thread(service: EnvService, host: str = "127.0.0.1", port: int = 0,
+                    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> Iterator[str]:
+    """Serve ``service`` from a background thread of this process while the ``with`` block runs; yields the URL.
+
+    For tests, notebooks and benchmarks; ``agentrl serve-env`` is the way to run a server on its own.
+
+    Example:
+        >>> from agentrl.envs import make_env
+        >>> with serve_in_thread(EnvService({"calculator": lambda: make_env("calculator")})) as url:
+        ...     url.startswith("http://127.0.0.1:")
+        True
+    """
+    import uvicorn
+
+    config = uvicorn.Config(create_app(service, max_request_bytes), host=host, port=port, log_level="warning",
+                            access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="agentrl-env-server", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the env server did not start on {host}:{port} (see the log above)")
+        time.sleep(0.005)
+    bound_host, bound_port = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{bound_host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def serve(service: EnvService, host: str, port: int, announce: Callable[[str], None] = print,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "warning") -> None:
+    """Serve ``service`` with uvicorn until interrupted; ``announce`` gets the URL once it listens (port 0
+    picks a free port, and the URL says which)."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(service, max_request_bytes), host=host, port=port, log_level=log_level,
+                            access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        serving = asyncio.create_task(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            bound_host, bound_port = server.servers[0].sockets[0].getsockname()[:2]
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host  # an IPv6 address
+            announce(f"http://{shown}:{bound_port}")
+        await serving
+
+    asyncio.run(run())
