@@ -17,6 +17,9 @@ commands:
   envs         list the environments in the name table with their tools
   serve-env    serve environments' sessions over HTTP (docs/env-service.md)
                  agentrl serve-env --env calculator --env lookup --host 127.0.0.1 --port 8123
+  serve-controller
+               one env-service URL in front of many serve-env workers: least-loaded dispatch, heartbeats
+                 agentrl serve-controller --port 8200 --worker http://127.0.0.1:8123 --worker http://127.0.0.1:8124
 """
 
 
@@ -48,12 +51,14 @@ def list_envs(argv: list[str]) -> None:
 SERVE_ENV_EXAMPLE = """examples:
   agentrl serve-env --env calculator --env lookup --port 8123
   agentrl serve-env --env my_pkg.envs:ShopEnv --env_kwargs 'my_pkg.envs:ShopEnv={"level": 2}' --port 0
+  agentrl serve-env --env calculator --port 0 --controller http://127.0.0.1:8200   # join a controller
   # then, in a recipe:  envs: [{name: calculator, url: "http://127.0.0.1:8123"}]"""
 
 
 def serve_env(argv: list[str]) -> None:
     import json
 
+    from agentrl.envs.client import EnvServiceError
     from agentrl.envs.server import DEFAULT_MAX_REQUEST_BYTES, env_factories, serve
     from agentrl.envs.sessions import EnvService
     from agentrl.envs.wire import API_VERSION
@@ -75,7 +80,13 @@ def serve_env(argv: list[str]) -> None:
     parser.add_argument("--max_sessions", type=int, default=10_000)
     parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
     parser.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--controller", default="", metavar="URL",
+                        help="an agentrl serve-controller to join once listening (and leave on shutdown)")
+    parser.add_argument("--advertise_url", default="", metavar="URL",
+                        help="this server's URL as the controller can reach it (default: the URL it listens on)")
     args = parser.parse_args(argv)
+    if args.controller and not args.advertise_url and args.host in ("0.0.0.0", "::", ""):
+        parser.error(f"--controller with --host {args.host!r}: give --advertise_url, the URL the controller can reach")
     kwargs: dict[str, dict] = {}
     for item in args.env_kwargs:
         name, sep, text = item.partition("=")
@@ -90,8 +101,73 @@ def serve_env(argv: list[str]) -> None:
     service = EnvService(env_factories([(name, kwargs.get(name, {})) for name in args.env]), threads=args.workers,
                          call_timeout=args.call_timeout, session_ttl=args.session_ttl, max_sessions=args.max_sessions)
     names = ", ".join(service.prototypes)
-    serve(service, args.host, args.port, max_request_bytes=args.max_request_bytes, log_level=args.log_level,
-          announce=lambda url: print(f"agentrl serve-env: {names} at {url} (API {API_VERSION})", flush=True))
+    try:
+        serve(service, args.host, args.port, max_request_bytes=args.max_request_bytes, log_level=args.log_level,
+              announce=lambda url: print(f"agentrl serve-env: {names} at {url} (API {API_VERSION})", flush=True),
+              controller=args.controller, advertise_url=args.advertise_url)
+    except EnvServiceError as exc:  # the controller could not be reached or refused this worker
+        raise SystemExit(f"agentrl serve-env: {exc}") from None
+
+
+SERVE_CONTROLLER_EXAMPLE = """examples:
+  agentrl serve-controller --port 8200 --worker http://127.0.0.1:8123 --worker http://127.0.0.1:8124
+  agentrl serve-env --env calculator --port 0 --controller http://127.0.0.1:8200   # another worker joins
+  curl http://127.0.0.1:8200/workers                                             # load and health
+  curl -X DELETE http://127.0.0.1:8200/workers/w1                                # drain w1
+  # then, in a recipe:  envs: [{name: calculator, url: "http://127.0.0.1:8200"}]"""
+
+
+def serve_controller(argv: list[str]) -> None:
+    from agentrl.envs.controller import EnvController
+    from agentrl.envs.controller_server import describe_workers, serve_controller as serve
+    from agentrl.envs.server import DEFAULT_MAX_REQUEST_BYTES
+    from agentrl.envs.sessions import ServiceError
+    from agentrl.envs.wire import API_VERSION
+
+    parser = argparse.ArgumentParser(prog="agentrl serve-controller", epilog=SERVE_CONTROLLER_EXAMPLE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="One env-service URL in front of many agentrl serve-env workers: "
+                                                 "least-loaded dispatch, session affinity, heartbeats "
+                                                 "(docs/env-service.md).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8200, help="0 picks a free port (the printed URL says which)")
+    parser.add_argument("--worker", action="append", default=[], metavar="URL",
+                        help="a serve-env worker to join at start; repeat for more (workers may also join later "
+                             "with POST /workers or serve-env --controller)")
+    parser.add_argument("--heartbeat_interval", type=float, default=2.0, help="seconds between GET /health rounds")
+    parser.add_argument("--heartbeat_timeout", type=float, default=2.0, help="seconds a heartbeat waits")
+    parser.add_argument("--max_missed", type=int, default=3,
+                        help="missed heartbeats in a row that mark a worker dead (a refused connection: at once)")
+    parser.add_argument("--request_timeout", type=float, default=120.0,
+                        help="seconds a forwarded request may take (keep it above the workers' --call_timeout)")
+    parser.add_argument("--session_ttl", type=float, default=600.0,
+                        help="seconds an idle session is remembered (keep it >= the workers' --session_ttl)")
+    parser.add_argument("--forget_dead_after", type=float, default=600.0,
+                        help="seconds after which a dead worker leaves the list")
+    parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    try:
+        controller = EnvController(args.worker, heartbeat_interval=args.heartbeat_interval,
+                                   heartbeat_timeout=args.heartbeat_timeout, max_missed=args.max_missed,
+                                   request_timeout=args.request_timeout, session_ttl=args.session_ttl,
+                                   forget_dead_after=args.forget_dead_after)
+    except ServiceError as exc:  # a --worker that is no URL
+        parser.error(exc.message)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    def announce(url: str) -> None:
+        workers = controller.pool.list_workers()
+        print(f"agentrl serve-controller: at {url} (API {API_VERSION}), {len(workers)} workers", flush=True)
+        if workers:
+            print(describe_workers(workers), flush=True)
+
+    try:
+        serve(controller, args.host, args.port, announce=announce, max_request_bytes=args.max_request_bytes,
+              log_level=args.log_level)
+    except ServiceError as exc:  # a --worker disagrees with the others
+        raise SystemExit(f"agentrl serve-controller: {exc.kind}: {exc.message}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,5 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         list_envs(rest)
     elif command == "serve-env":
         serve_env(rest)
+    elif command == "serve-controller":
+        serve_controller(rest)
     else:
         raise SystemExit(f"agentrl: unknown command {command!r}\n\n{USAGE}")
+
+
+if __name__ == "__main__":
+    main()

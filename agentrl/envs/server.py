@@ -14,6 +14,9 @@ Errors are ``{"api_version", "error": {"type", "message", "details"?}}`` with a 
 (unknown session 404, busy session 409, invalid body 422, body too large 413) and 5xx when the environment
 raised (500 ``env_exception``) or timed out outside a tool call (504). A bad tool call is not an HTTP
 error: the model gets an ``Error: ...`` tool result, exactly as in-process.
+
+With ``--controller URL`` the server joins an ``agentrl serve-controller`` once it listens and leaves it when it
+shuts down (``agentrl.envs.controller``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ import asyncio
 import functools
 import json
 import logging
-import threading
-import time
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Callable, Iterator
 
@@ -34,6 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentrl.envs import make_env
+from agentrl.envs.controller import join_controller, leave_controller
+from agentrl.envs.serving import run_app, serve_app_in_thread
 from agentrl.envs.sessions import MAX_TASKS_PER_REQUEST, EnvService, ServiceError
 from agentrl.envs.wire import API_VERSION
 
@@ -153,21 +156,23 @@ class SafeJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def _reply(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> SafeJSONResponse:
+def json_reply(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> SafeJSONResponse:
+    """``body`` with the API version, as a JSON reply."""
     return SafeJSONResponse({"api_version": API_VERSION, **body}, status_code=status, headers=headers)
 
 
-def _error(status: int, kind: str, message: str, details: Any = None,
-           headers: dict[str, str] | None = None) -> SafeJSONResponse:
+def error_reply(status: int, kind: str, message: str, details: Any = None,
+                headers: dict[str, str] | None = None) -> SafeJSONResponse:
+    """The service's error body ``{"api_version", "error": {"type", "message", "details"?}}``."""
     error = {"type": kind, "message": message}
     if details is not None:
         error["details"] = details
-    return _reply({"error": error}, status, headers)
+    return json_reply({"error": error}, status, headers)
 
 
 _HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
-_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorReply}
-                                             for status in (404, 409, 413, 422, 500, 503, 504)}
+ERROR_REPLIES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorReply}
+                                                  for status in (404, 409, 413, 422, 500, 503, 504)}
 
 
 class BodyLimit:
@@ -207,14 +212,15 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: dict, receive: Callable, send: Callable) -> None:
-        reply = _error(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
+        reply = error_reply(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
         await reply(scope, receive, send)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error a JSON error reply: ServiceError, invalid requests, HTTP errors, and the unexpected."""
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> SafeJSONResponse:
-        return _error(exc.status, exc.kind, exc.message, exc.details)
+        return error_reply(exc.status, exc.kind, exc.message, exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
@@ -222,17 +228,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         problems = [{"loc": [str(part) for part in e["loc"]], "msg": e["msg"], "type": e["type"]}
                     for e in exc.errors()[:20]]
         first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
-        return _error(422, "invalid_request", f"{'.'.join(first['loc'])}: {first['msg']}", problems)
+        return error_reply(422, "invalid_request", f"{'.'.join(first['loc'])}: {first['msg']}", problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
-        return _error(exc.status_code, _HTTP_KINDS.get(exc.status_code, "http_error"), str(exc.detail),
-                      headers=exc.headers)
+        return error_reply(exc.status_code, _HTTP_KINDS.get(exc.status_code, "http_error"), str(exc.detail),
+                           headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> SafeJSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", f"{type(exc).__name__}: {str(exc)[:500]}")
+        return error_reply(500, "internal_error", f"{type(exc).__name__}: {str(exc)[:500]}")
 
 
 def create_app(service: EnvService, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
@@ -240,6 +246,7 @@ def create_app(service: EnvService, max_request_bytes: int = DEFAULT_MAX_REQUEST
 
     Example:
         >>> from agentrl.envs import make_env
+from agentrl.envs.controller import join_controller, leave_controller
         >>> app = create_app(EnvService({"calculator": lambda: make_env("calculator")}))
         >>> sorted(app.openapi()["paths"])[:2]
         ['/envs', '/envs/{env}/oracle']
@@ -256,37 +263,37 @@ def create_app(service: EnvService, max_request_bytes: int = DEFAULT_MAX_REQUEST
                   default_response_class=SafeJSONResponse,
                   description="Environments' sessions over HTTP: the function-call API of agentrl. "
                               "See docs/env-service.md.")
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     @app.get("/health", response_model=HealthReply)
     async def health() -> SafeJSONResponse:
-        return _reply({"status": "ok", "envs": sorted(service.prototypes), "sessions": len(service.sessions)})
+        return json_reply({"status": "ok", "envs": sorted(service.prototypes), "sessions": len(service.sessions)})
 
     @app.get("/envs", response_model=EnvsReply)
     async def envs() -> SafeJSONResponse:
-        return _reply({"envs": service.describe()})
+        return json_reply({"envs": service.describe()})
 
-    @app.get("/envs/{env}/tasks", response_model=TasksReply, responses=_ERRORS)
+    @app.get("/envs/{env}/tasks", response_model=TasksReply, responses=ERROR_REPLIES)
     async def tasks(env: str, split: str = Query(...), start: int = Query(0, ge=0),
                     n: int = Query(1, ge=1, le=MAX_TASKS_PER_REQUEST)) -> SafeJSONResponse:
-        return _reply({"tasks": await service.tasks(env, split, start, n)})
+        return json_reply({"tasks": await service.tasks(env, split, start, n)})
 
-    @app.get("/envs/{env}/oracle", response_model=OracleReply, responses=_ERRORS)
+    @app.get("/envs/{env}/oracle", response_model=OracleReply, responses=ERROR_REPLIES)
     async def oracle(env: str, split: str = Query(...), index: int = Query(..., ge=0)) -> SafeJSONResponse:
-        return _reply(await service.oracle(env, split, index))
+        return json_reply(await service.oracle(env, split, index))
 
-    @app.post("/sessions", response_model=SessionReply, responses=_ERRORS)
+    @app.post("/sessions", response_model=SessionReply, responses=ERROR_REPLIES)
     async def create_session(body: CreateSession) -> SafeJSONResponse:
-        return _reply(await service.create(body.env, body.split, body.index, body.seed))
+        return json_reply(await service.create(body.env, body.split, body.index, body.seed))
 
-    @app.post("/sessions/{session_id}/step", response_model=StepReply, responses=_ERRORS)
+    @app.post("/sessions/{session_id}/step", response_model=StepReply, responses=ERROR_REPLIES)
     async def step(session_id: str, body: StepRequest) -> SafeJSONResponse:
-        return _reply(await service.step(session_id, body.tool_calls))
+        return json_reply(await service.step(session_id, body.tool_calls))
 
-    @app.delete("/sessions/{session_id}", response_model=CloseReply, responses=_ERRORS)
+    @app.delete("/sessions/{session_id}", response_model=CloseReply, responses=ERROR_REPLIES)
     async def close(session_id: str) -> SafeJSONResponse:
-        return _reply(await service.close(session_id))
+        return json_reply(await service.close(session_id))
 
     return app
 
@@ -316,47 +323,35 @@ def serve_in_thread(service: EnvService, host: str = "127.0.0.1", port: int = 0,
 
     Example:
         >>> from agentrl.envs import make_env
+from agentrl.envs.controller import join_controller, leave_controller
         >>> with serve_in_thread(EnvService({"calculator": lambda: make_env("calculator")})) as url:
         ...     url.startswith("http://127.0.0.1:")
         True
     """
-    import uvicorn
-
-    config = uvicorn.Config(create_app(service, max_request_bytes), host=host, port=port, log_level="warning",
-                            access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="agentrl-env-server", daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError(f"the env server did not start on {host}:{port} (see the log above)")
-        time.sleep(0.005)
-    bound_host, bound_port = server.servers[0].sockets[0].getsockname()[:2]
-    try:
-        yield f"http://{bound_host}:{bound_port}"
-    finally:
-        server.should_exit = True
-        thread.join()
+    with serve_app_in_thread(create_app(service, max_request_bytes), host, port) as url:
+        yield url
 
 
 def serve(service: EnvService, host: str, port: int, announce: Callable[[str], None] = print,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "warning") -> None:
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "warning", controller: str = "",
+          advertise_url: str = "") -> None:
     """Serve ``service`` with uvicorn until interrupted; ``announce`` gets the URL once it listens (port 0
-    picks a free port, and the URL says which)."""
-    import uvicorn
+    picks a free port, and the URL says which).
 
-    config = uvicorn.Config(create_app(service, max_request_bytes), host=host, port=port, log_level=log_level,
-                            access_log=False, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    With ``controller`` (an ``agentrl serve-controller`` URL) the server joins it once it listens, as
+    ``advertise_url`` (default: the URL it listens on), and leaves it when it stops. A refusal (e.g. the
+    controller's workers serve another version of an environment) stops the server and raises EnvServiceError.
+    """
+    joined: list[str] = []
 
-    async def run() -> None:
-        serving = asyncio.create_task(server.serve())
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.01)
-        if server.started:
-            bound_host, bound_port = server.servers[0].sockets[0].getsockname()[:2]
-            shown = f"[{bound_host}]" if ":" in bound_host else bound_host  # an IPv6 address
-            announce(f"http://{shown}:{bound_port}")
-        await serving
+    async def join(url: str) -> None:
+        worker_id = await join_controller(controller, advertise_url or url)
+        joined.append(worker_id)
+        print(f"agentrl serve-env: joined the controller {controller} as worker {worker_id}", flush=True)
 
-    asyncio.run(run())
+    async def leave() -> None:
+        if joined:
+            await leave_controller(controller, joined[0])
+
+    run_app(create_app(service, max_request_bytes), host, port, announce, log_level,
+            started=join if controller else None, stopping=leave if controller else None)
