@@ -44,6 +44,14 @@ class EnvServiceError(RuntimeError):
         self.kind, self.status, self.details = kind, status, details
 
 
+def error_from_reply(where: str, status: int, body: Any) -> EnvServiceError:
+    """The EnvServiceError for an error reply of the env service (``{"error": {"type", "message", "details"}}``)."""
+    error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
+    kind = str(error.get("type", "http_error"))
+    return EnvServiceError(f"{where}: HTTP {status} {kind}: {error.get('message', '')}", kind, status,
+                           error.get("details"))
+
+
 class RemoteEnvironment:
     """An environment that runs in an ``agentrl serve-env`` process, one session per episode.
 
@@ -192,8 +200,5 @@ class RemoteEnvironment:
             raise EnvServiceError(f"{where}: the server speaks env-service API {found!r}, this client {API_VERSION!r}",
                                   "api_version", response.status_code)
         if response.is_error:
-            error = body.get("error") if isinstance(body.get("error"), dict) else {}
-            kind = str(error.get("type", "http_error"))
-            raise EnvServiceError(f"{where}: HTTP {response.status_code} {kind}: {error.get('message', '')}", kind,
-                                  response.status_code, error.get("details"))
+            raise error_from_reply(where, response.status_code, body)
         return body

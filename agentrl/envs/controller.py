@@ -248,7 +248,7 @@ async def leave_controller(controller_url: str, worker_id: str, timeout: float =
 
 async def _controller_request(controller_url: str, method: str, path: str, timeout: float,
                               **kwargs: Any) -> dict[str, Any]:
-    from agentrl.envs.client import EnvServiceError
+    from agentrl.envs.client import EnvServiceError, error_from_reply
 
     where = f"{method} {controller_url.rstrip('/')}{path}"
     async with httpx.AsyncClient(trust_env=False, timeout=timeout) as http:
@@ -262,7 +262,5 @@ async def _controller_request(controller_url: str, method: str, path: str, timeo
             raise EnvServiceError(f"{where}: HTTP {response.status_code} reply is not JSON", "bad_reply",
                                   response.status_code) from None
     if response.is_error:
-        error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
-        raise EnvServiceError(f"{where}: HTTP {response.status_code} {error.get('type')}: {error.get('message')}",
-                              str(error.get("type", "http_error")), response.status_code, error.get("details"))
+        raise error_from_reply(where, response.status_code, body)
     return body
