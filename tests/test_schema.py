@@ -110,8 +110,8 @@ def test_check_arguments_accepts_good_calls():
     ({**GOOD, "x": False}, "'x' must be number"),
     ({**GOOD, "flag": 1}, "'flag' must be boolean"),
     ({**GOOD, "mode": "medium"}, "'mode' must be string in ['fast', 'slow']"),
-    ({**GOOD, "ids": [1, "2"]}, "'ids' must be array"),
-    ({**GOOD, "ids": [1, True]}, "'ids' must be array"),
+    ({**GOOD, "ids": [1, "2"]}, "'ids[1]' must be integer, got '2'"),  # the item at fault is named
+    ({**GOOD, "ids": [1, True]}, "'ids[1]' must be integer"),
     ({**GOOD, "ids": 1}, "'ids' must be array"),
     ([1, 2], "must be a JSON object, got list"),
     ('{"n": 1}', "must be a JSON object, got str"),

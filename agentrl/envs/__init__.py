@@ -1,4 +1,8 @@
-"""Environment API: the protocol, the typed-method base class, schema derivation and the name lookup."""
+"""Environment API: the protocol, the typed-method base class, other tool sources, schemas and the name lookup.
+
+An MCP server's tools as an environment: ``agentrl.envs.mcp_env.MCPEnvironment`` (not imported here: it
+loads the ``mcp`` client).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ from typing import Any, Callable
 
 from agentrl.envs.base import Environment, ToolEnvironment, tool
 from agentrl.envs.schema import check_arguments, function_schema
+from agentrl.envs.tools import Tool, ToolError, object_tools, schema_tools
 
-__all__ = ["Environment", "ToolEnvironment", "tool", "function_schema", "check_arguments", "make_env",
-           "env_factory"]
+__all__ = ["Environment", "ToolEnvironment", "tool", "Tool", "ToolError", "object_tools", "schema_tools",
+           "function_schema", "check_arguments", "make_env", "env_factory"]
 
 
 def make_env(name: str, **kwargs):

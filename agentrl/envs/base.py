@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterable, Protocol, runtime_checkable
 
 from agentrl.envs.schema import check_arguments, function_schema
+from agentrl.envs.tools import Tool, ToolError
 from agentrl.types import Message, StepResult, Task, ToolCall, ToolSpec
 
 TRUNCATION_MARKER = "\n...[output truncated]"
@@ -60,8 +61,14 @@ class ToolEnvironment:
 
     Subclasses set ``name``, ``version`` and ``system_prompt``, mark tools with :func:`tool`, call
     :meth:`finish` from the tool that ends the episode, and implement ``make_task`` and ``oracle``.
-    Tool methods may raise: the rollout engine records that as an ``env_error`` episode. Bad calls
-    (unknown tool, wrong arguments) are not exceptions: they come back as error observations.
+    More tools can come from elsewhere through ``tools`` (:func:`~agentrl.envs.tools.object_tools`,
+    :func:`~agentrl.envs.tools.schema_tools`). Bad calls (unknown tool, wrong arguments) are not
+    exceptions: they come back as error observations, as does a :class:`~agentrl.envs.tools.ToolError`
+    a tool raises. Any other exception from a tool is recorded by the rollout engine as an ``env_error``
+    episode.
+
+    Args:
+        tools: tools besides the :func:`tool` methods; their names must differ from those.
 
     Example:
         >>> class Echo(ToolEnvironment):
@@ -85,13 +92,11 @@ class ToolEnvironment:
     split_sizes: ClassVar[dict[str, int]] = {"train": 100_000, "test": 200}
     max_observation_chars: ClassVar[int] = 2000
 
-    def __init__(self) -> None:
-        self._methods = {
-            attr: getattr(self, attr)
-            for attr in dir(type(self))
-            if getattr(getattr(type(self), attr), "__agentrl_tool__", False)
-        }
-        self._specs = {name: function_schema(method, name) for name, method in self._methods.items()}
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        methods = [Tool(function_schema(getattr(self, attr), attr), getattr(self, attr))
+                   for attr in dir(type(self)) if getattr(getattr(type(self), attr), "__agentrl_tool__", False)]
+        self._tools: dict[str, Tool] = {}
+        self.add_tools([*methods, *tools])
         self.task: Task | None = None
         self.done = False
         self.reward: float | None = None
@@ -100,9 +105,18 @@ class ToolEnvironment:
         # distribution overwrite it with one that names them (see CalculatorEnv).
         self.task_version: str = self.version
 
+    def add_tools(self, tools: Iterable[Tool]) -> None:
+        """Offer more tools (an environment whose tools are known only once it runs adds them then)."""
+        added = dict(self._tools)
+        for item in tools:
+            if item.name in added:
+                raise ValueError(f"{type(self).__name__}: two tools are named {item.name!r}")
+            added[item.name] = item
+        self._tools = added
+
     # --- episode side -------------------------------------------------------------------------
     def tools(self) -> list[ToolSpec]:
-        return list(self._specs.values())
+        return [item.spec for item in self._tools.values()]
 
     def reset(self, task: Task) -> list[Message]:
         if task.env != self.name:
@@ -128,12 +142,16 @@ class ToolEnvironment:
         self.info["tool_calls"] += 1
         if self.done:
             return self.error("the episode is already finished")
-        if call.name not in self._specs:
-            return self.error(f"unknown tool {call.name!r}; available tools: {sorted(self._specs)}")
-        problem = check_arguments(self._specs[call.name], call.arguments)
+        if call.name not in self._tools:
+            return self.error(f"unknown tool {call.name!r}; available tools: {sorted(self._tools)}")
+        chosen = self._tools[call.name]
+        problem = check_arguments(chosen.check or chosen.spec, call.arguments)
         if problem:
             return self.error(problem)
-        observation = self._methods[call.name](**call.arguments)
+        try:
+            observation = chosen.fn(**call.arguments)
+        except ToolError as exc:
+            return self.error(str(exc))
         if not isinstance(observation, str):
             raise TypeError(f"tool {call.name} returned {type(observation).__name__}, not str")
         observation = truncate(observation, self.max_observation_chars)
