@@ -60,7 +60,7 @@ def serve_env(argv: list[str]) -> None:
 
     from agentrl.envs.client import EnvServiceError
     from agentrl.envs.server import DEFAULT_MAX_REQUEST_BYTES, env_factories, serve
-    from agentrl.envs.sessions import EnvService
+    from agentrl.envs.sessions import INLINE_BUDGET_S, EnvService
     from agentrl.envs.wire import API_VERSION
 
     parser = argparse.ArgumentParser(prog="agentrl serve-env", epilog=SERVE_ENV_EXAMPLE,
@@ -79,6 +79,10 @@ def serve_env(argv: list[str]) -> None:
     parser.add_argument("--session_ttl", type=float, default=600.0, help="seconds before an idle session expires")
     parser.add_argument("--max_sessions", type=int, default=10_000)
     parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--inline", action="append", default=[], metavar="NAME",
+                        help="run the tool calls of the environment served as NAME in the event loop, not a worker "
+                             "thread: faster for trivial tools, but --call_timeout cannot stop them (a call over "
+                             f"{INLINE_BUDGET_S * 1000:g} ms sends NAME back to the threads); repeat for more")
     parser.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--controller", default="", metavar="URL",
                         help="an agentrl serve-controller to join once listening (and leave on shutdown)")
@@ -98,8 +102,12 @@ def serve_env(argv: list[str]) -> None:
             parser.error(f"--env_kwargs {item!r}: not JSON ({exc})")
         if not isinstance(kwargs[name], dict):
             parser.error(f"--env_kwargs {item!r}: want a JSON object")
-    service = EnvService(env_factories([(name, kwargs.get(name, {})) for name in args.env]), threads=args.workers,
-                         call_timeout=args.call_timeout, session_ttl=args.session_ttl, max_sessions=args.max_sessions)
+    factories = env_factories([(name, kwargs.get(name, {})) for name in args.env])
+    if not set(args.inline) <= set(factories):
+        parser.error(f"--inline {sorted(set(args.inline) - set(factories))}: not served here; the served names are "
+                     f"{sorted(factories)}")
+    service = EnvService(factories, threads=args.workers, call_timeout=args.call_timeout,
+                         session_ttl=args.session_ttl, max_sessions=args.max_sessions, inline=args.inline)
     names = ", ".join(service.prototypes)
     try:
         serve(service, args.host, args.port, max_request_bytes=args.max_request_bytes, log_level=args.log_level,

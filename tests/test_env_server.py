@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +19,8 @@ import pytest
 from agentrl.envs import ToolEnvironment, env_factory, make_env, tool
 from agentrl.envs.base import TRUNCATION_MARKER
 from agentrl.envs.client import EnvServiceError, RemoteEnvironment
-from agentrl.envs.server import env_factories, serve_in_thread
+from agentrl.cli import main as cli_main
+from agentrl.envs.server import _well_formed_calls, env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
 from agentrl.envs.wire import API_VERSION, task_to_json
 from agentrl.policy.base import SamplingParams
@@ -362,6 +365,85 @@ def test_timeouts_and_concurrent_steps(http):
     assert sorted(r.status_code for r in replies) == [200, 409]
     error(next(r for r in replies if r.status_code == 409), 409, "session_busy")
     ok(http.delete(f"/sessions/{sid}"))
+
+
+def test_step_fast_path_replies_as_the_validated_route(http):
+    """Well-formed steps skip FastAPI's validation (StepFastPath); the same body under another JSON content
+    type takes the validated route. Replies, errors included, are the same either way."""
+    fast, routed = {"content-type": "application/json"}, {"content-type": "application/merge-patch+json"}
+    task = make_env("calculator").task_at("test", 2)
+    steps = [[call("calculate", {"expression": task.data["expression"]})], BAD_CALLS,
+             [call("answer", {"value": task.data["answer"]})], [call("answer", {"value": 1})]]
+    sids = {"calculator": [open_session(http, "calculator", index=2) for _ in range(2)],
+            "probe": [open_session(http) for _ in range(2)]}
+
+    def both(env: str, calls: list) -> dict:
+        body = json.dumps({"tool_calls": calls})
+        replies = [http.post(f"/sessions/{sid}/step", content=body, headers=headers)
+                   for sid, headers in zip(sids[env], (fast, routed))]
+        assert replies[0].status_code == replies[1].status_code, [r.text for r in replies]
+        first, second = ({**r.json(), "session_id": ""} for r in replies)
+        assert first == second
+        return first
+
+    for calls in steps:
+        assert "results" in both("calculator", calls)
+    assert both("probe", [call("explode", {})])["error"]["type"] == "env_exception"
+    assert both("probe", [call("done", {})])["error"]["type"] == "session_failed"
+    sids["probe"] = ["nosuch", "nosuch"]
+    assert both("probe", [call("done", {})])["error"]["type"] == "unknown_session"
+    for sid in sids["calculator"]:
+        ok(http.delete(f"/sessions/{sid}"))
+
+
+def test_fast_path_takes_only_what_the_validated_route_would_take_unchanged():
+    scope = {"headers": [(b"content-type", b"application/json; charset=utf-8")]}
+
+    def calls(body: bytes, **message) -> list | None:
+        return _well_formed_calls(scope, {"type": "http.request", "body": body, **message})
+
+    assert calls(b'{"tool_calls": [1, {"a": null}]}') == [1, {"a": None}]
+    assert calls(json.dumps({"tool_calls": [0] * 64}).encode()) == [0] * 64
+    for refused in (b'{"tool_calls": []}', json.dumps({"tool_calls": [0] * 65}).encode(), b'{"tool_calls": {}}',
+                    b'{"tool_calls": [1], "x": 1}', b"[1]", b"{", b"[" * 100_000, b"\xff"):
+        assert calls(refused) is None, refused
+    assert calls(b'{"tool_calls": [1]}', more_body=True) is None
+    scope = {"headers": [(b"content-type", b"text/plain")]}
+    assert calls(b'{"tool_calls": [1]}') is None
+
+
+def test_inline_env_steps_in_the_event_loop_until_a_call_is_slow(caplog):
+    with pytest.raises(ValueError, match="not served here"):
+        EnvService({"probe": ProbeEnv}, inline=["calculator"])
+    with pytest.raises(SystemExit):
+        cli_main(["serve-env", "--env", "calculator", "--inline", "probe", "--port", "0"])
+    service = EnvService({"probe": ProbeEnv}, call_timeout=0.05, inline=["probe"])
+    with serve_in_thread(service) as address, httpx.Client(base_url=address, trust_env=False) as http:
+        sid = open_session(http)
+        failure = error(http.post(f"/sessions/{sid}/step", json={"tool_calls": [call("explode", {})]}), 500,
+                        "env_exception")  # as from a worker thread
+        assert "RuntimeError: kaboom" in failure["message"] and "kaboom" in failure["details"]["traceback"]
+        nap = {"tool_calls": [call("nap", {"seconds": 0.1})]}
+        step = f"/sessions/{open_session(http)}/step"
+        with caplog.at_level(logging.WARNING, logger="agentrl.envs.sessions"):
+            # in the event loop, call_timeout cannot stop it; over the budget, probe goes back to the threads
+            assert ok(http.post(step, json=nap))["results"][0]["observation"] == "rested"
+        assert service.inline == set() and "run in worker threads from now on" in caplog.text
+        assert ok(http.post(step, json=nap))["results"][0]["info"]["timeout"] is True
+
+
+@pytest.mark.slow
+def test_idle_connection_outlives_the_clients_keepalive(url):
+    """The server keeps an idle connection open longer than httpx does (5 s), so a client never sends a
+    request on a connection the server is closing (uvicorn's default, 5 s too, made that race)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # b"" if the server had closed it
 
 
 def test_idle_sessions_expire_and_capacity_is_bounded():

@@ -170,6 +170,10 @@ def error_reply(status: int, kind: str, message: str, details: Any = None,
     return json_reply({"error": error}, status, headers)
 
 
+def service_error_reply(exc: ServiceError) -> SafeJSONResponse:
+    return error_reply(exc.status, exc.kind, exc.message, exc.details)
+
+
 _HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
 ERROR_REPLIES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorReply}
                                                   for status in (404, 409, 413, 422, 500, 503, 504)}
@@ -216,11 +220,68 @@ class BodyLimit:
         await reply(scope, receive, send)
 
 
+class StepFastPath:
+    """ASGI middleware: serve a well-formed ``POST /sessions/{id}/step`` without FastAPI's routing and body
+    validation, which take longer than the step itself when the tool is trivial.
+
+    Well-formed means ``Content-Type: application/json`` and a body that is a JSON object whose only key is
+    ``tool_calls``, a list of 1 to MAX_CALLS_PER_STEP items: what StepRequest accepts, unchanged. Any other
+    request goes on to the app, which validates it and writes its error reply, so every reply is the same
+    with or without this middleware. It runs inside BodyLimit, which hands it the whole body at once.
+    """
+
+    def __init__(self, app: Callable, service: EnvService) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        parts = scope["path"].split("/") if scope["type"] == "http" and scope["method"] == "POST" else []
+        if len(parts) != 4 or parts[:2] != ["", "sessions"] or not parts[2] or parts[3] != "step" \
+                or scope.get("root_path"):
+            await self.app(scope, receive, send)
+            return
+        message = await receive()
+        tool_calls = _well_formed_calls(scope, message)
+        if tool_calls is None:
+            replayed = False
+
+            async def replay() -> dict:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return message
+
+            await self.app(scope, replay, send)
+            return
+        try:
+            reply = json_reply(await self.service.step(parts[2], tool_calls))
+        except ServiceError as exc:
+            reply = service_error_reply(exc)
+        await reply(scope, receive, send)
+
+
+def _well_formed_calls(scope: dict, message: dict) -> list[Any] | None:
+    """The ``tool_calls`` of a step request's body if StepRequest would take it as it is, else None."""
+    if message["type"] != "http.request" or message.get("more_body", False):
+        return None
+    content_type = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
+    if content_type.split(b";")[0].strip().lower() != b"application/json":
+        return None
+    try:
+        body = json.loads(message.get("body", b""))
+    except (ValueError, RecursionError):  # the app parses it again and writes the error reply
+        return None
+    if not isinstance(body, dict) or list(body) != ["tool_calls"]:
+        return None
+    calls = body["tool_calls"]
+    return calls if isinstance(calls, list) and 1 <= len(calls) <= MAX_CALLS_PER_STEP else None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Make every error a JSON error reply: ServiceError, invalid requests, HTTP errors, and the unexpected."""
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> SafeJSONResponse:
-        return error_reply(exc.status, exc.kind, exc.message, exc.details)
+        return service_error_reply(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
@@ -246,7 +307,6 @@ def create_app(service: EnvService, max_request_bytes: int = DEFAULT_MAX_REQUEST
 
     Example:
         >>> from agentrl.envs import make_env
-from agentrl.envs.controller import join_controller, leave_controller
         >>> app = create_app(EnvService({"calculator": lambda: make_env("calculator")}))
         >>> sorted(app.openapi()["paths"])[:2]
         ['/envs', '/envs/{env}/oracle']
@@ -264,7 +324,8 @@ from agentrl.envs.controller import join_controller, leave_controller
                   description="Environments' sessions over HTTP: the function-call API of agentrl. "
                               "See docs/env-service.md.")
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.add_middleware(StepFastPath, service=service)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)  # added last: it runs first
 
     @app.get("/health", response_model=HealthReply)
     async def health() -> SafeJSONResponse:
@@ -323,7 +384,6 @@ def serve_in_thread(service: EnvService, host: str = "127.0.0.1", port: int = 0,
 
     Example:
         >>> from agentrl.envs import make_env
-from agentrl.envs.controller import join_controller, leave_controller
         >>> with serve_in_thread(EnvService({"calculator": lambda: make_env("calculator")})) as url:
         ...     url.startswith("http://127.0.0.1:")
         True

@@ -12,6 +12,12 @@ import time
 from contextlib import contextmanager
 from typing import Any, Awaitable, Callable, Iterator
 
+# Seconds an idle keep-alive connection stays open. Well above httpx's keepalive_expiry (5 s), so the client
+# always drops an idle connection before the server does: at uvicorn's default (also 5 s), a request sent
+# as the server closes the connection fails (RemoteProtocolError), and an agent that thinks for about 5 s
+# between tool calls would hit that now and then.
+KEEP_ALIVE_S = 75
+
 
 def _url(server) -> str:
     """The URL a started uvicorn server listens on (port 0 picked a free port)."""
@@ -25,7 +31,8 @@ def serve_app_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Ite
     """Serve an ASGI ``app`` from a background thread while the ``with`` block runs; yields its URL."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="agentrl-http-server", daemon=True)
     thread.start()
@@ -59,35 +66,33 @@ def run_app(app: Any, host: str, port: int, announce: Callable[[str], None] = pr
     joined = False
 
     class Server(uvicorn.Server):
+        async def serve(self, sockets: list | None = None) -> None:
+            nonlocal joined
+            if prepare is not None:
+                await prepare()
+            serving = asyncio.create_task(super().serve(sockets))
+            while not self.started and not serving.done():
+                await asyncio.sleep(0.01)
+            if not self.started:
+                await serving
+                return
+            url = _url(self)
+            announce(url)
+            if started is not None:
+                try:
+                    await started(url)
+                except BaseException:
+                    self.should_exit = True
+                    await serving
+                    raise
+            joined = True
+            await serving
+
         async def shutdown(self, sockets: list | None = None) -> None:
             if stopping is not None and joined:
                 await stopping()
             await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=5)
-    server = Server(config)
-
-    async def run() -> None:
-        nonlocal joined
-        if prepare is not None:
-            await prepare()
-        serving = asyncio.create_task(server.serve())
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.01)
-        if not server.started:
-            await serving
-            return
-        url = _url(server)
-        announce(url)
-        if started is not None:
-            try:
-                await started(url)
-            except BaseException:
-                server.should_exit = True
-                await serving
-                raise
-        joined = True
-        await serving
-
-    asyncio.run(run())
+                            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=5)
+    Server(config).run()  # uvicorn's run picks the event loop: uvloop where it is installed

@@ -2,9 +2,10 @@
 
 Environment methods are synchronous and may be slow, so every call (building the env, ``reset``, ``step``,
 ``close``, task generation) runs in a thread pool and the event loop only waits for it, up to
-``call_timeout``. A session is one episode on one fresh environment instance. Refusals and failures are
-:class:`ServiceError` (an HTTP status, a machine-readable ``kind`` and a message); ``agentrl.envs.server``
-turns them into JSON error replies.
+``call_timeout`` — except the tool calls of environments served ``inline``, which run in the event loop
+itself (see :class:`EnvService`). A session is one episode on one fresh environment instance. Refusals and
+failures are :class:`ServiceError` (an HTTP status, a machine-readable ``kind`` and a message);
+``agentrl.envs.server`` turns them into JSON error replies.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from agentrl.envs.base import truncate
 from agentrl.envs.wire import call_from_openai, call_to_openai, step_result_to_json, task_to_json
-from agentrl.types import Message, StepResult, Task
+from agentrl.types import Message, StepResult, Task, ToolCall
 
 log = logging.getLogger(__name__)
 MAX_TASKS_PER_REQUEST = 1000
 MAX_ERROR_CHARS = 4000
+# An inline tool call that takes longer stalled every session that long: its environment goes back to the
+# worker threads. Well above a trivial tool (microseconds) and a garbage-collector pause, well below a
+# timeout anyone would set.
+INLINE_BUDGET_S = 0.02
 
 
 class ServiceError(Exception):
@@ -94,6 +99,11 @@ class EnvService:
         session_ttl: seconds a session may stay idle before it is closed and forgotten.
         max_sessions: open sessions at most; more are refused with ``capacity`` (503).
         max_output_chars: longest tool observation sent back; longer ones are cut with TRUNCATION_MARKER.
+        inline: served names whose tool calls (``step``) run in the event loop instead of a worker thread.
+            For trivial tools: it saves two thread switches a call (about a third of the server's time for a
+            trivial call). Such a call cannot be stopped by ``call_timeout`` and stalls every session while it
+            runs, so the first call that takes over INLINE_BUDGET_S (20 ms) sends its environment back to
+            the worker threads for good (and logs a warning).
 
     Example:
         >>> from agentrl.envs import make_env
@@ -104,10 +114,15 @@ class EnvService:
     """
 
     def __init__(self, factories: dict[str, Callable[[], Any]], threads: int = 16, call_timeout: float = 30.0,
-                 session_ttl: float = 600.0, max_sessions: int = 10_000, max_output_chars: int = 100_000) -> None:
+                 session_ttl: float = 600.0, max_sessions: int = 10_000, max_output_chars: int = 100_000,
+                 inline: Iterable[str] = ()) -> None:
         if not factories:
             raise ValueError("EnvService needs at least one environment")
         self.factories = dict(factories)
+        self.inline = set(inline)
+        if not self.inline <= set(self.factories):
+            raise ValueError(f"inline names {sorted(self.inline - set(self.factories))} are not served here; "
+                             f"this service has {sorted(self.factories)}")
         self.prototypes = {name: factory() for name, factory in self.factories.items()}
         for name, env in self.prototypes.items():
             if env.name != name:
@@ -265,7 +280,10 @@ class EnvService:
             message = truncate(call, self.max_output_chars)
             return StepResult(observation=f"Error: {message}", info={"tool_error": message}), None
         try:
-            result = await self._run(session.env.step, call)
+            if session.env_name in self.inline:
+                result = self._step_inline(session, call)
+            else:
+                result = await self._run(session.env.step, call)
         except _CallTimeout as timeout:
             session.stuck = timeout.future
             message = f"tool {call.name!r} did not finish within {self.call_timeout:g} s"
@@ -327,16 +345,35 @@ class EnvService:
             raise _CallTimeout(future)
         exc = future.exception()
         if exc is not None:
-            raise ServiceError(500, "env_exception", _exception_text(exc),
-                               {"exception": type(exc).__name__,
-                                "traceback": truncate("".join(traceback.format_exception(exc)), MAX_ERROR_CHARS)})
+            raise _env_exception(exc)
         return future.result()
+
+    def _step_inline(self, session: Session, call: ToolCall) -> Any:
+        """``session.env.step(call)`` in the event loop; a call over INLINE_BUDGET_S ends inline for its env."""
+        started = time.perf_counter()
+        try:
+            return session.env.step(call)
+        except BaseException as exc:  # as in a worker thread, where concurrent.futures catches BaseException
+            raise _env_exception(exc) from None
+        finally:
+            took = time.perf_counter() - started
+            if took > INLINE_BUDGET_S and session.env_name in self.inline:
+                self.inline.discard(session.env_name)
+                log.warning("an inline %s call to %r took %.3f s, stalling every session: %s's tool calls run in "
+                            "worker threads from now on", session.env_name, call.name, took, session.env_name)
 
     async def _run_or_timeout(self, fn: Callable[..., Any], what: str) -> Any:
         try:
             return await self._run(fn)
         except _CallTimeout:
             raise ServiceError(504, "env_timeout", f"{what} did not finish within {self.call_timeout:g} s") from None
+
+
+def _env_exception(exc: BaseException) -> ServiceError:
+    """The ServiceError (500 ``env_exception``, with the traceback) for an exception an environment raised."""
+    return ServiceError(500, "env_exception", _exception_text(exc),
+                        {"exception": type(exc).__name__,
+                         "traceback": truncate("".join(traceback.format_exception(exc)), MAX_ERROR_CHARS)})
 
 
 def _check_step_result(result: Any, env_name: str) -> None:
