@@ -20,6 +20,9 @@ commands:
   serve-controller
                one env-service URL in front of many serve-env workers: least-loaded dispatch, heartbeats
                  agentrl serve-controller --port 8200 --worker http://127.0.0.1:8123 --worker http://127.0.0.1:8124
+  serve-vllm   start a vLLM server flagged for a recipe's policy (runtime LoRA, processed logprobs); then
+               train with --policy.backend=vllm --policy.url=http://127.0.0.1:8000
+                 agentrl serve-vllm --config recipes/quickstart.yaml --port 8000
 """
 
 
@@ -178,6 +181,40 @@ def serve_controller(argv: list[str]) -> None:
         raise SystemExit(f"agentrl serve-controller: {exc.kind}: {exc.message}") from None
 
 
+def serve_vllm(argv: list[str]) -> None:
+    """Run the vLLM server a recipe's ``policy.backend: vllm`` needs, in the foreground, until interrupted."""
+    import os
+
+    from agentrl.config import load_recipe
+    from agentrl.policy.vllm import VLLMServer
+
+    parser = argparse.ArgumentParser(prog="agentrl serve-vllm")
+    parser.add_argument("--config", default=None, help="the recipe (its model, lora.r and policy section)")
+    parser.add_argument("--model", default="", help="serve this model directory instead of the recipe's start")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--print_only", action="store_true", help="print the command and exit")
+    args, overrides = parser.parse_known_args(argv)
+    recipe = load_recipe(args.config, overrides)
+    model = args.model
+    if not model:
+        # adapters are trained on the model GRPO starts from: the SFT output when the recipe has a warm start
+        model = os.path.join(recipe.train.output_dir, "sft") if recipe.sft.enabled else recipe.model.path
+    if not args.print_only and not os.path.isdir(model):
+        raise SystemExit(f"agentrl serve-vllm: no model at {model} (run SFT first, or give --model DIR; "
+                         f"policy.launch=true starts a server after SFT by itself)")
+    server = VLLMServer(model, python=recipe.policy.python, host=args.host, port=args.port,
+                        max_lora_rank=recipe.lora.r, max_loras=recipe.policy.max_loras, dtype=recipe.policy.dtype,
+                        extra_args=recipe.policy.server_args)
+    command = server.command()
+    print(" ".join(command), flush=True)
+    if args.print_only:
+        return
+    from agentrl.policy.vllm import server_env
+
+    os.execve(command[0], command, server_env())
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -200,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         serve_env(rest)
     elif command == "serve-controller":
         serve_controller(rest)
+    elif command == "serve-vllm":
+        serve_vllm(rest)
     else:
         raise SystemExit(f"agentrl: unknown command {command!r}\n\n{USAGE}")
 

@@ -65,9 +65,37 @@ class LoRAConfig:
                                                                 "gate_proj", "up_proj", "down_proj"])
 
 
+POLICY_BACKENDS = ("hf", "vllm")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
+
+
+@dataclass
+class PolicyConfig:
+    """Where rollouts are sampled: in process (``hf``) or by a vLLM server over HTTP (``vllm``)."""
+
+    backend: str = "hf"  # "hf" (embedded, the default) or "vllm"
+    url: str = ""  # a running vLLM OpenAI-compatible server (vllm backend, unless `launch`)
+    launch: bool = False  # start a vLLM server for the run and stop it at the end (vllm backend)
+    python: str = ".venv-vllm/bin/python"  # the python of the vLLM environment (launch/setup_vllm.sh)
+    port: int = 0  # port of a launched server (0: a free one)
+    dtype: str = "float32"  # a launched server's dtype; float32 matches the trainer's logprobs to ~1e-5
+    server_args: list[str] = field(default_factory=list)  # extra arguments for a launched server
+    startup_timeout: float = 600.0  # seconds for a launched server to answer /health
+    request_timeout: float = 300.0  # seconds per completion request before the episode fails
+    max_loras: int = 2  # adapters a launched server keeps on the device at once
+
+    def __post_init__(self) -> None:
+        if self.backend not in POLICY_BACKENDS:
+            raise ConfigError(f"policy.backend must be one of {POLICY_BACKENDS}, got {self.backend!r}")
+        if self.backend == "vllm" and bool(self.url) == self.launch:
+            raise ConfigError("policy.backend=vllm needs exactly one of policy.url (a running server) "
+                              "and policy.launch=true (start one)")
+        if self.max_loras < 1:
+            raise ConfigError(f"policy.max_loras must be >= 1, got {self.max_loras}")
+
+
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"
     tasks_per_step: int = 8  # task instances per step (each sampled group_size times)
     group_size: int = 8
     temperature: float = 1.0
@@ -118,6 +146,7 @@ class Recipe:
     envs: list[EnvConfig] = field(default_factory=lambda: [EnvConfig()])
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

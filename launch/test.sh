@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up the venv and run every test: the fast suite, then the slow end-to-end tests (2-process DDP run,
-# a short SFT→GRPO run). pytest's exit 5 ("no tests ran") counts as a failure.
+# a short SFT→GRPO run), then the vLLM backend against a real vLLM server (.venv-vllm, launch/setup_vllm.sh).
+# pytest's exit 5 ("no tests ran") counts as a failure.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -17,4 +18,7 @@ echo "[test] fast suite"
 run -q
 echo "[test] slow suite"
 run -q -m slow
+echo "[test] vLLM backend against a real vLLM server"
+source launch/setup_vllm.sh
+run -q -m vllm
 echo "[test] all passed"

@@ -70,3 +70,24 @@ def test_bad_sft_scheduler_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="sft.lr_scheduler.*'cosin'"):  # before the model is even looked for
         run_sft(tmp_path / "no-model", tmp_path / "sft", None, recipe.sft, 0)
     assert load_recipe(None, ["--sft.lr_scheduler=constant"]).sft.lr_scheduler == "constant"
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["--policy.backend=vlm"], "policy.backend must be one of"),
+    (["--policy.backend=vllm"], "exactly one of policy.url"),
+    (["--policy.backend=vllm", "--policy.url=http://x", "--policy.launch=true"], "exactly one of policy.url"),
+    (["--policy.max_loras=0"], "policy.max_loras"),
+])
+def test_policy_section_is_checked(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_recipe(None, overrides)
+
+
+def test_vllm_server_command_has_the_flags_the_backend_relies_on(tmp_path):
+    from agentrl.policy.vllm import server_command
+
+    command = server_command(tmp_path / "model", "/nonexistent/python", "127.0.0.1", 8000, 16, 2)
+    joined = " ".join(command)
+    for flag in ("--enable-lora", "--max-lora-rank 16", "--logprobs-mode processed_logprobs",
+                 "--model-impl transformers", "--served-model-name base", "--dtype float32"):
+        assert flag in joined

@@ -9,6 +9,7 @@ rewards so every process holds the same per-task statistics.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -17,14 +18,15 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
 from agentrl.algo.advantages import TaskAdvantageStats, compute_advantages
-from agentrl.config import Recipe, recipe_to_dict
+from agentrl.config import VLLM_LORA_RANKS, ConfigError, Recipe, recipe_to_dict
 from agentrl.eval.runner import run_eval_episodes, summarize, test_tasks
 from agentrl.policy.base import SamplingParams
 from agentrl.policy.hf import HFPolicy
+from agentrl.policy.vllm import VLLMPolicy, VLLMServer
 from agentrl.rollout.chat import ChatFormat
 from agentrl.rollout.episode import EpisodeLimits, run_episodes
 from agentrl.rollout.sampler import TaskSampler
@@ -74,7 +76,52 @@ def rollout_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def evaluate_policy(policy: HFPolicy, chat: ChatFormat, suite: EnvSuite, recipe: Recipe,
+def make_policy(recipe: Recipe, peft_model, tokenizer, base: Path, accelerator: Accelerator):
+    """The rollout policy, and the vLLM server started for it (None when not launched here)."""
+    pcfg = recipe.policy
+    if pcfg.backend == "hf":
+        return HFPolicy(peft_model, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                        max_batch=recipe.rollout.max_batch), None
+    if recipe.lora.r not in VLLM_LORA_RANKS:
+        raise ConfigError(f"lora.r={recipe.lora.r}: vLLM serves adapters of rank {VLLM_LORA_RANKS} only")
+    server, url = None, [pcfg.url]
+    if pcfg.launch and accelerator.is_main_process:
+        output = Path(recipe.train.output_dir)
+        server = VLLMServer(base, python=pcfg.python, port=pcfg.port, max_lora_rank=recipe.lora.r,
+                            max_loras=pcfg.max_loras, dtype=pcfg.dtype, log_path=output / "vllm_server.log",
+                            extra_args=pcfg.server_args, startup_timeout=pcfg.startup_timeout)
+        print(f"starting vLLM for {base}: {' '.join(server.command())}", flush=True)
+        url = [server.start().url]
+    if pcfg.launch:
+        broadcast_object_list(url)  # the other processes sample from the main process's server
+    policy = VLLMPolicy(url[0], tokenizer.eos_token_id, timeout=pcfg.request_timeout,
+                        seed=recipe.train.seed * 1000 + accelerator.process_index)
+    return policy, server
+
+
+def sync_policy(policy, peft_model, accelerator: Accelerator, output: Path, version: int) -> float:
+    """Make adapter ``version`` (the weights just trained) the one rollouts sample from; returns seconds.
+
+    The hf policy shares the trained module, so only its version moves. For vLLM the main process saves the
+    adapter and the server loads it under a versioned name; every process then samples with that name.
+    """
+    start = time.perf_counter()
+    if not isinstance(policy, VLLMPolicy):  # in process: the policy serves the module being trained
+        asyncio.run(policy.load_adapter(None, version))
+        return time.perf_counter() - start
+    if accelerator.is_main_process:
+        path = output / "adapters" / f"v{version}"
+        peft_model.save_pretrained(path)
+        asyncio.run(policy.load_adapter(str(path), version))
+        stale = output / "adapters" / f"v{version - policy.keep_versions}"
+        if stale.exists():  # unloaded from the server by load_adapter; the checkpoints keep their own copy
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    policy.version = version
+    return time.perf_counter() - start
+
+
+def evaluate_policy(policy, chat: ChatFormat, suite: EnvSuite, recipe: Recipe,
                     accelerator: Accelerator) -> dict[str, Any]:
     """Held-out success on each environment's test split, split across processes."""
     tasks = test_tasks(suite.prototypes, recipe.eval.limit)
@@ -115,7 +162,19 @@ def train(recipe: Recipe) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     model, optimizer = accelerator.prepare(model, optimizer)
     peft_model = accelerator.unwrap_model(model)
-    policy = HFPolicy(peft_model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch=rcfg.max_batch)
+    policy, server = make_policy(recipe, peft_model, tokenizer, start, accelerator)
+    try:
+        return _train(recipe, accelerator, suite, model, peft_model, tokenizer, start, optimizer, scheduler, policy)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _train(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, peft_model, tokenizer, start: Path,
+           optimizer, scheduler, policy) -> dict[str, Any]:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cfg, rcfg = recipe.train, recipe.rollout
+    output = Path(cfg.output_dir)
     chat = ChatFormat(tokenizer)
     sampler = TaskSampler({n: (lambda i, e=e: e.task_at("train", i)) for n, e in suite.prototypes.items()},
                           {n: e.split_sizes["train"] for n, e in suite.prototypes.items()},
@@ -130,8 +189,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         sampler.load_state_dict(state["sampler"])
         if task_stats is not None:
             task_stats.load_state_dict(state["task_stats"])
-        first_step = policy.version = state["step"]
+        first_step = state["step"]
         accelerator.print(f"resumed from {checkpoint} at step {first_step}")
+    sync_policy(policy, peft_model, accelerator, output, first_step)
     logger = MetricsLogger(output, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         (output / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
@@ -173,9 +233,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         model.train()
         update_stats = policy_update(model, peft_model, optimizer, scheduler, accelerator, batch,
                                      recipe.algo, rcfg.temperature, tokenizer.pad_token_id)
-        # 6. sync: the policy shares the trained weights, so the new version is live at once
-        asyncio.run(policy.load_adapter(None, step + 1))
-        metrics = {**rollout_metrics(records), **adv_stats, **update_stats,
+        # 6. sync: the new adapter version is what the next step samples from
+        t_sync = sync_policy(policy, peft_model, accelerator, output, step + 1)
+        metrics = {**rollout_metrics(records), **adv_stats, **update_stats, "time/sync": t_sync,
                    "time/rollout": t_rollout, "time/update": time.time() - t1, "time/step": time.time() - t0}
         # 7. save / eval / log
         if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
