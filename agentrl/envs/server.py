@@ -204,20 +204,26 @@ class BodyLimit:
                 await self._too_large(scope, receive, send)
                 return
             more = message.get("more_body", False)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replaying(whole, receive), send)
 
     async def _too_large(self, scope: dict, receive: Callable, send: Callable) -> None:
         reply = error_reply(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
         await reply(scope, receive, send)
+
+
+def replaying(message: dict, receive: Callable) -> Callable:
+    """An ASGI ``receive`` that gives ``message`` (a body already read) first, then defers to ``receive``."""
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return message
+
+    return replay
 
 
 class StepFastPath:
@@ -242,16 +248,7 @@ class StepFastPath:
         message = await receive()
         tool_calls = _well_formed_calls(scope, message)
         if tool_calls is None:
-            replayed = False
-
-            async def replay() -> dict:
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return message
-
-            await self.app(scope, replay, send)
+            await self.app(scope, replaying(message, receive), send)
             return
         try:
             reply = json_reply(await self.service.step(parts[2], tool_calls))
