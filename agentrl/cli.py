@@ -63,7 +63,7 @@ def serve_env(argv: list[str]) -> None:
 
     from agentrl.envs.client import EnvServiceError
     from agentrl.envs.server import DEFAULT_MAX_REQUEST_BYTES, env_factories, serve
-    from agentrl.envs.sessions import INLINE_BUDGET_S, EnvService
+    from agentrl.envs.sessions import INLINE_BUDGET_S, INLINE_STRIKES, EnvService
     from agentrl.envs.wire import API_VERSION
 
     parser = argparse.ArgumentParser(prog="agentrl serve-env", epilog=SERVE_ENV_EXAMPLE,
@@ -84,8 +84,9 @@ def serve_env(argv: list[str]) -> None:
     parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
     parser.add_argument("--inline", action="append", default=[], metavar="NAME",
                         help="run the tool calls of the environment served as NAME in the event loop, not a worker "
-                             "thread: faster for trivial tools, but --call_timeout cannot stop them (a call over "
-                             f"{INLINE_BUDGET_S * 1000:g} ms sends NAME back to the threads); repeat for more")
+                             "thread: faster for trivial tools, but --call_timeout cannot stop them "
+                             f"({INLINE_STRIKES} calls in a row over {INLINE_BUDGET_S * 1000:g} ms send NAME back to "
+                             "the threads); repeat for more")
     parser.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--controller", default="", metavar="URL",
                         help="an agentrl serve-controller to join once listening (and leave on shutdown)")
