@@ -91,3 +91,15 @@ def test_vllm_server_command_has_the_flags_the_backend_relies_on(tmp_path):
     for flag in ("--enable-lora", "--max-lora-rank 16", "--logprobs-mode processed_logprobs",
                  "--model-impl transformers", "--served-model-name base", "--dtype float32"):
         assert flag in joined
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["--lora.r=12"], "lora.r=12"),
+    (["--policy.python=/nonexistent/python"], "policy.python"),
+])
+def test_a_vllm_setup_that_cannot_work_fails_before_sft(overrides, fragment):
+    from agentrl.train.loop import check_policy_setup
+
+    recipe = load_recipe(None, ["--policy.backend=vllm", "--policy.launch=true"] + overrides)
+    with pytest.raises(ConfigError, match=fragment):
+        check_policy_setup(recipe)

@@ -76,14 +76,24 @@ def rollout_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def check_policy_setup(recipe: Recipe) -> None:
+    """Fail fast on a vLLM setup that cannot work: an adapter rank vLLM refuses, no vLLM environment."""
+    pcfg = recipe.policy
+    if pcfg.backend != "vllm":
+        return
+    if recipe.lora.r not in VLLM_LORA_RANKS:
+        raise ConfigError(f"lora.r={recipe.lora.r}: vLLM serves adapters of rank {VLLM_LORA_RANKS} only")
+    if pcfg.launch and not Path(pcfg.python).exists():
+        raise ConfigError(f"policy.python={pcfg.python!r} does not exist: run `bash launch/setup_vllm.sh`, or set "
+                          "policy.python to the interpreter of an environment with vllm installed")
+
+
 def make_policy(recipe: Recipe, peft_model, tokenizer, base: Path, accelerator: Accelerator):
     """The rollout policy, and the vLLM server started for it (None when not launched here)."""
     pcfg = recipe.policy
     if pcfg.backend == "hf":
         return HFPolicy(peft_model, tokenizer.eos_token_id, tokenizer.pad_token_id,
                         max_batch=recipe.rollout.max_batch), None
-    if recipe.lora.r not in VLLM_LORA_RANKS:
-        raise ConfigError(f"lora.r={recipe.lora.r}: vLLM serves adapters of rank {VLLM_LORA_RANKS} only")
     server, url = None, [pcfg.url]
     if pcfg.launch and accelerator.is_main_process:
         output = Path(recipe.train.output_dir)
@@ -150,8 +160,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     cfg, rcfg = recipe.train, recipe.rollout
     if rcfg.tasks_per_step % world:
         raise ValueError(f"rollout.tasks_per_step={rcfg.tasks_per_step} must divide by {world} processes")
+    check_policy_setup(recipe)  # before SFT, which can take minutes
     set_seed(cfg.seed)
-    output = Path(cfg.output_dir)
     suite = build_envs(recipe)
     model, tokenizer, start = prepare_model(recipe, suite, accelerator)
     set_seed(cfg.seed + rank)  # processes sample different completions; the task sampler is shared
