@@ -433,7 +433,10 @@ def test_inline_env_steps_in_the_event_loop_until_a_call_is_slow(caplog):
                 assert service.inline == {"probe"}
             assert ok(http.post(step, json=nap))["results"][0]["observation"] == "rested"
         assert service.inline == set() and "run in worker threads from now on" in caplog.text
-        assert ok(http.post(step, json=nap))["results"][0]["info"]["timeout"] is True
+        # in a thread again, call_timeout stops it (a long nap: on a loaded machine a 0.1 s one could finish
+        # before the event loop, itself preempted, even starts waiting)
+        long_nap = {"tool_calls": [call("nap", {"seconds": 2.0})]}
+        assert ok(http.post(step, json=long_nap))["results"][0]["info"]["timeout"] is True
 
 
 @pytest.mark.slow
