@@ -187,7 +187,7 @@ def serve_vllm(argv: list[str]) -> None:
     import os
 
     from agentrl.config import load_recipe
-    from agentrl.policy.vllm import VLLMServer
+    from agentrl.policy.vllm import VLLMServer, server_env
 
     parser = argparse.ArgumentParser(prog="agentrl serve-vllm")
     parser.add_argument("--config", default=None, help="the recipe (its model, lora.r and policy section)")
@@ -211,9 +211,23 @@ def serve_vllm(argv: list[str]) -> None:
     print(" ".join(command), flush=True)
     if args.print_only:
         return
-    from agentrl.policy.vllm import server_env
-
     os.execve(command[0], command, server_env())
+
+
+def train(argv: list[str]) -> None:
+    from agentrl.train.cli import main as train_main
+
+    train_main(argv)
+
+
+def evaluate(argv: list[str]) -> None:
+    from agentrl.eval.cli import main as eval_main
+
+    eval_main(argv)
+
+
+COMMANDS = {"tiny-model": tiny_model, "train": train, "eval": evaluate, "envs": list_envs, "serve-env": serve_env,
+            "serve-controller": serve_controller, "serve-vllm": serve_vllm}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,26 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command == "tiny-model":
-        tiny_model(rest)
-    elif command == "train":
-        from agentrl.train.cli import main as train_main
-
-        train_main(rest)
-    elif command == "eval":
-        from agentrl.eval.cli import main as eval_main
-
-        eval_main(rest)
-    elif command == "envs":
-        list_envs(rest)
-    elif command == "serve-env":
-        serve_env(rest)
-    elif command == "serve-controller":
-        serve_controller(rest)
-    elif command == "serve-vllm":
-        serve_vllm(rest)
-    else:
+    if command not in COMMANDS:
         raise SystemExit(f"agentrl: unknown command {command!r}\n\n{USAGE}")
+    COMMANDS[command](rest)
 
 
 if __name__ == "__main__":

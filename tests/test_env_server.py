@@ -20,7 +20,8 @@ from agentrl.envs import ToolEnvironment, env_factory, make_env, tool
 from agentrl.envs.base import TRUNCATION_MARKER
 from agentrl.envs.client import EnvServiceError, RemoteEnvironment
 from agentrl.cli import main as cli_main
-from agentrl.envs.server import _well_formed_calls, env_factories, serve_in_thread
+from agentrl.envs.asgi import _well_formed_calls
+from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import INLINE_STRIKES, EnvService
 from agentrl.envs.wire import API_VERSION, task_to_json
 from agentrl.policy.base import SamplingParams
@@ -584,6 +585,13 @@ def test_fuzz_random_and_malformed_requests(url, n_calls):
 
     The fast suite sends 1,000 tool calls (~1 s); the slow suite 10,000 (~10 s on 2 busy cores).
     """
+    tool_calls, requests = fuzz(url, n_calls)
+    assert tool_calls >= n_calls and requests >= n_calls // 5
+
+
+def fuzz(url: str, n_calls: int) -> tuple[int, int]:
+    """Send at least ``n_calls`` random tool calls among random requests to an env-service URL, checking every
+    reply (check_reply) and that the service is healthy after; returns (tool calls, requests) sent."""
     rng = random.Random(0)
     envs = {"calculator": ["calculate", "answer"], "lookup": ["get", "answer"]}
     sessions: list[tuple[str, str]] = []
@@ -645,4 +653,4 @@ def test_fuzz_random_and_malformed_requests(url, n_calls):
             ok(http.delete(f"/sessions/{sid}"))
     elapsed = time.monotonic() - started
     print(f"fuzz: {tool_calls} tool calls in {requests} requests, {elapsed:.1f} s")
-    assert tool_calls >= n_calls and requests >= n_calls // 5
+    return tool_calls, requests

@@ -19,9 +19,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentrl.envs.controller import EnvController, Forwarded
-from agentrl.envs.server import (DEFAULT_MAX_REQUEST_BYTES, ERROR_REPLIES, BodyLimit, CloseReply, CreateSession,
-                                 EnvsReply, OracleReply, SafeJSONResponse, SessionReply, StepReply, StepRequest,
-                                 TasksReply, install_error_handlers, json_reply)
+from agentrl.envs.asgi import BodyLimit, SafeJSONResponse, install_error_handlers, json_reply
+from agentrl.envs.server import (DEFAULT_MAX_REQUEST_BYTES, ERROR_REPLIES, CloseReply, CreateSession, EnvsReply,
+                                 OracleReply, SessionReply, StepReply, StepRequest, TasksReply)
 from agentrl.envs.serving import run_app
 from agentrl.envs.sessions import MAX_TASKS_PER_REQUEST
 from agentrl.envs.wire import API_VERSION

@@ -12,6 +12,7 @@ those of the distribution actually sampled from (after temperature), as :class:`
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -78,8 +79,6 @@ class VLLMPolicy:
 
     def _http(self) -> httpx.AsyncClient:
         """One pooled client per event loop (the training loop runs one ``asyncio.run`` per step)."""
-        import asyncio
-
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             self._client = httpx.AsyncClient(timeout=self.timeout, limits=httpx.Limits(max_connections=256))
