@@ -104,6 +104,17 @@ class RolloutConfig:
     max_total_tokens: int = 1024
     max_batch: int = 64  # sequences per batched generate call
     max_error_rate: float = 0.5  # abort when more than this share of a step's episodes are env/policy errors
+    # Asynchronous rollouts: the groups of the next `max_staleness` steps are sampled while the trainer updates;
+    # a group more than this many adapter versions behind the trainer is dropped (counted). 0 = synchronous.
+    max_staleness: int = 0
+    max_inflight: int = 256  # episodes running at once (a GRPO group starts whole)
+
+    def __post_init__(self) -> None:
+        if self.max_staleness < 0:
+            raise ConfigError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.max_inflight < self.group_size:
+            raise ConfigError(f"rollout.max_inflight={self.max_inflight} is below rollout.group_size="
+                              f"{self.group_size}: a group's episodes start together")
 
 
 @dataclass
@@ -120,6 +131,15 @@ class AlgoConfig:
     task_norm_momentum: float = 0.1  # 1.0 = per-batch statistics only
     micro_batch_size: int = 16  # sequences per forward/backward
     epochs: int = 1  # optimisation passes over each step's batch
+    # Decoupled loss for off-policy samples: clip around the trainer's own pre-update logprobs and weight each
+    # token by min(pi_proximal / pi_behaviour, is_cap) (truncated importance sampling). Off: clip around the
+    # behaviour logprobs, unweighted (identical when samples are exactly on-policy).
+    importance_sampling: bool = True
+    is_cap: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.is_cap <= 0:
+            raise ConfigError(f"algo.is_cap must be positive, got {self.is_cap}")
 
 
 @dataclass

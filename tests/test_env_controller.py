@@ -290,13 +290,14 @@ def training_recipe(model_dir, output, url: str = "", steps: int = 1, **extra):
 def record_rollouts(monkeypatch) -> list[list]:
     """Keep each step's trajectories (after scoring: score() fills rewards in place) as train() makes them."""
     steps: list[list] = []
-    real = loop.run_episodes
+    real = loop.RolloutEngine.take
 
-    async def recording(*args, **kwargs):
-        steps.append(await real(*args, **kwargs))
-        return steps[-1]
+    def recording(self, *args, **kwargs):
+        batch = real(self, *args, **kwargs)
+        steps.append(batch.trajectories)
+        return batch
 
-    monkeypatch.setattr(loop, "run_episodes", recording)
+    monkeypatch.setattr(loop.RolloutEngine, "take", recording)
     return steps
 
 

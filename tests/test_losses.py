@@ -126,3 +126,48 @@ def test_all_masked_gives_zero_loss():
     loss.backward()
     assert loss.item() == 0.0 and stats["n_tokens"] == 0.0
     assert lp.grad.tolist() == [[0.0, 0.0]]
+
+
+def test_truncated_importance_weights_by_hand():
+    """Proximal anchor: ratio 1 at the proximal point, each token weighted by min(pi_prox / pi_behav, cap)."""
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    proximal = lp.detach().clone()
+    behaviour = torch.tensor([[-1.0, -2.0 - math.log(3.0), -0.5 + math.log(2.0)]])  # weights 1, 3 -> 2 (cap), 0.5
+    adv, mask = torch.tensor([2.0]), torch.ones(1, 3)
+    loss, stats = policy_loss(lp, behaviour, adv, mask, proximal_logprobs=proximal, is_cap=2.0)
+    loss.backward()
+    close(lp.grad, [[-2.0 * 1.0 / 3, -2.0 * 2.0 / 3, -2.0 * 0.5 / 3]])  # d/dlp of -w * A * exp(lp - prox)
+    close(loss.detach(), -2.0 * (1.0 + 2.0 + 0.5) / 3)
+    assert stats["is_truncated_frac"] == pytest.approx(1 / 3)
+    assert stats["is_weight_mean"] == pytest.approx(3.5 / 3)
+    assert stats["clip_frac"] == 0.0  # clipping is around the proximal policy, where the ratio is 1
+    # k3 of KL(behaviour || proximal), per token: e^d - d - 1 with d = prox - behav = 0, ln 3, -ln 2
+    expected_kl = (0.0 + (3.0 - math.log(3.0) - 1.0) + (0.5 + math.log(2.0) - 1.0)) / 3
+    assert stats["offpolicy_kl"] == pytest.approx(expected_kl)
+
+
+def test_on_policy_samples_give_the_same_loss_with_or_without_importance_sampling():
+    torch.manual_seed(0)
+    lp = (torch.randn(3, 5) - 2.0).requires_grad_()
+    adv, mask = torch.tensor([1.0, -0.5, 2.0]), (torch.rand(3, 5) > 0.3).float()
+    plain, _ = policy_loss(lp, lp.detach(), adv, mask)
+    (grad_plain,) = torch.autograd.grad(plain, lp)
+    decoupled, stats = policy_loss(lp, lp.detach(), adv, mask, proximal_logprobs=lp.detach())
+    (grad_decoupled,) = torch.autograd.grad(decoupled, lp)
+    close(decoupled.detach(), plain.item())
+    torch.testing.assert_close(grad_decoupled, grad_plain)
+    assert stats["is_weight_mean"] == pytest.approx(1.0) and stats["offpolicy_kl"] == pytest.approx(0.0)
+
+
+def test_a_stale_sample_is_clipped_without_a_proximal_anchor_but_trained_with_one():
+    """Behaviour far below the current policy: the old loss clips every token (no gradient); the decoupled
+    loss still trains on it, with the weight capped."""
+    lp = torch.tensor([[-0.5, -0.7]], requires_grad=True)
+    behaviour = lp.detach() - 1.0  # ratio e to the behaviour policy: beyond 1 + clip_high
+    old, old_stats = policy_loss(lp, behaviour, torch.tensor([1.0]), torch.ones(1, 2))
+    assert old_stats["clip_frac"] == 1.0
+    assert torch.autograd.grad(old, lp)[0].abs().sum() == 0
+    new, new_stats = policy_loss(lp, behaviour, torch.tensor([1.0]), torch.ones(1, 2),
+                                 proximal_logprobs=lp.detach(), is_cap=2.0)
+    close(torch.autograd.grad(new, lp)[0], [[-1.0, -1.0]])  # weight min(e, 2) = 2, / 2 tokens
+    assert new_stats["is_truncated_frac"] == 1.0

@@ -62,7 +62,7 @@ def test_training_moved_the_adapter(full_run):
 
 
 def test_samples_from_another_adapter_version_are_refused():
-    from agentrl.train.loop import check_versions
+    from agentrl.rollout.engine import check_versions
     from agentrl.types import Task, Trajectory, Turn
 
     traj = Trajectory(Task("lookup", "train", 0, "p", {}, "v"), 0, turns=[Turn([1], [2], [0.0], version=3)])

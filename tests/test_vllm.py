@@ -167,9 +167,9 @@ def test_a_stale_adapter_is_refused(server, tiny_dir, tmp_path, monkeypatch):
 
     real = loop.sync_policy
 
-    def stale_after_first(policy, peft_model, accelerator, output, version):
+    def stale_after_first(policy, peft_model, accelerator, output, version, **kwargs):
         if version == 0:
-            return real(policy, peft_model, accelerator, output, version)
+            return real(policy, peft_model, accelerator, output, version, **kwargs)
         policy.version = version - 1  # the server keeps serving the old adapter
         return 0.0
 

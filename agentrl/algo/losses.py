@@ -2,7 +2,11 @@
 
 The loss is GRPO's clipped surrogate (Shao et al. 2024, DeepSeekMath) with DAPO's token-level aggregation
 and asymmetric "clip-higher" range (Yu et al. 2025), plus an optional k3 KL penalty to a reference policy
-(Schulman 2020, "Approximating KL divergence").
+(Schulman 2020, "Approximating KL divergence"). For off-policy samples (asynchronous rollouts, or a
+serving engine whose numerics differ from the trainer's) the ratio is clipped around the *proximal*
+policy, the trainer's own logprobs before the update, and each token is weighted by the truncated
+importance ratio proximal / behaviour (decoupled PPO, Hilton et al. 2022; AReaL, Fu et al. 2025;
+truncated IS, Yao et al. 2025).
 """
 
 from __future__ import annotations
@@ -42,12 +46,17 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
     normalizer: float | None = None,
+    proximal_logprobs: Tensor | None = None,
+    is_cap: float = 2.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate loss with token-level aggregation (GRPO, Shao et al. 2024; DAPO, Yu et al. 2025).
 
-    Per token: ``-min(r * A, clamp(r, 1 - clip_low, 1 + clip_high) * A) + kl_coef * k3``, with
-    ``r = exp(logprobs - behaviour_logprobs)`` and ``k3 = exp(ref - lp) - (ref - lp) - 1`` (Schulman 2020).
-    The loss is ``sum(per_token * mask) / normalizer``.
+    Per token: ``-w * min(r * A, clamp(r, 1 - clip_low, 1 + clip_high) * A) + kl_coef * k3``, with
+    ``r = exp(logprobs - anchor)`` and ``k3 = exp(ref - lp) - (ref - lp) - 1`` (Schulman 2020). Without
+    ``proximal_logprobs`` the anchor is the behaviour policy and ``w = 1`` (plain GRPO). With them the anchor
+    is the proximal policy and ``w = min(exp(proximal - behaviour), is_cap)``, the truncated importance
+    weight that corrects for the samples coming from another policy. The loss is
+    ``sum(per_token * mask) / normalizer``.
 
     Args:
         logprobs: ``[B, T]`` current policy log-probs (differentiable).
@@ -59,11 +68,15 @@ def policy_loss(
         kl_coef: weight of the k3 KL term.
         normalizer: token count to divide by; defaults to ``mask.sum()``. The trainer passes the global
             token count of the step so that micro-batches summed equal the full-batch loss.
+        proximal_logprobs: ``[B, T]`` log-probs of the weights before this update (no gradient), or None.
+        is_cap: upper bound of the importance weight (truncated IS); only used with ``proximal_logprobs``.
 
     Returns:
         ``(loss scalar, stats)``; stats (python floats): ``loss``, ``clip_frac`` (masked tokens whose
         clipped term is active, i.e. with zero gradient), ``ratio_mean``, ``ratio_max``, ``kl`` (mean k3
-        over masked tokens, 0 without ref), ``n_tokens``.
+        over masked tokens, 0 without ref), ``n_tokens``; with ``proximal_logprobs`` also ``is_weight_mean``,
+        ``is_truncated_frac`` (tokens whose weight hit ``is_cap``) and ``offpolicy_kl`` (k3 estimate of
+        KL(behaviour || proximal) over masked tokens: how far the samples are from the trained policy).
     """
     if not (logprobs.shape == behaviour_logprobs.shape == mask.shape) or advantages.shape != logprobs.shape[:1]:
         raise ValueError(
@@ -77,15 +90,27 @@ def policy_loss(
     elif normalizer <= 0:
         raise ValueError(f"normalizer must be positive, got {normalizer}")
 
+    if proximal_logprobs is not None and proximal_logprobs.shape != logprobs.shape:
+        raise ValueError(f"shapes: logprobs {tuple(logprobs.shape)}, proximal {tuple(proximal_logprobs.shape)}")
+    if is_cap <= 0:
+        raise ValueError(f"is_cap must be positive, got {is_cap}")
+
     zeros = torch.zeros_like(logprobs)
+    behaviour = behaviour_logprobs.to(logprobs.dtype)
+    anchor = behaviour if proximal_logprobs is None else proximal_logprobs.detach().to(logprobs.dtype)
     # Zero the log-ratio off-mask so padding (possibly -inf behaviour log-probs) can't make inf/NaN
     # that would leak through backward even when multiplied by a zero mask.
-    log_ratio = torch.where(keep, logprobs - behaviour_logprobs.to(logprobs.dtype), zeros)
+    log_ratio = torch.where(keep, logprobs - anchor, zeros)
     ratio = torch.exp(log_ratio)
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    weight = None
+    if proximal_logprobs is not None:
+        offpolicy = torch.where(keep, anchor - behaviour, zeros)
+        weight = torch.exp(offpolicy).clamp(max=is_cap)
+        per_token = per_token * weight
 
     kl = zeros
     if ref_logprobs is not None:
@@ -108,4 +133,9 @@ def policy_loss(
             "kl": kl[keep].sum().item() / denom if ref_logprobs is not None else 0.0,
             "n_tokens": float(n_tokens),
         }
+        if weight is not None:
+            stats["is_weight_mean"] = weight[keep].sum().item() / denom
+            stats["is_truncated_frac"] = ((weight >= is_cap) & keep).sum().item() / denom
+            k3 = torch.exp(offpolicy) - offpolicy - 1.0  # KL(behaviour || proximal), sampled from behaviour
+            stats["offpolicy_kl"] = k3[keep].sum().item() / denom
     return loss, stats

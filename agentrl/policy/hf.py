@@ -7,6 +7,7 @@ Concurrent episodes each ``await generate(...)``; requests that arrive together 
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,9 @@ class HFPolicy:
     """Serve a transformers causal LM (optionally a peft model) as a :class:`~agentrl.policy.base.Policy`.
 
     Args:
-        model: the model; in training it is the very module being optimised (weights are shared, so a
-            new adapter version needs no copy: ``load_adapter(None, v)`` only advances the version).
+        model: the model. In synchronous training it is the very module being optimised (weights are
+            shared, so a new adapter version needs no copy: ``load_adapter(None, v)`` only advances the
+            version); in asynchronous training it is a copy that :meth:`set_weights` refreshes.
         eos_id: token id that ends an assistant turn.
         pad_id: padding token id.
         max_batch: most sequences per ``generate`` call.
@@ -46,6 +48,7 @@ class HFPolicy:
         self._pending: list[_Request] = []
         self._worker: asyncio.Task | None = None
         self.generate_calls = 0  # how many batched model.generate calls ran (for batching stats/tests)
+        self._weights_lock = threading.Lock()  # a batch and a weight refresh never overlap
 
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
         if not prompt_ids:
@@ -65,20 +68,37 @@ class HFPolicy:
             self.model.set_adapter(name)
         self.version = version
 
+    def set_weights(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        """Copy ``{parameter name: tensor}`` (e.g. the trainer's LoRA weights) into the served model and serve
+        them as ``version``; waits for a batch being generated to finish, and the next batch uses them."""
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise KeyError(f"the served model has no parameters {unknown[:3]}{'...' if len(unknown) > 3 else ''}")
+        with self._weights_lock, torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
+            self.version = version
+
     async def _drain(self) -> None:
         while self._pending:
             await self._settle()
             first = self._pending[0].sampling
             batch = [r for r in self._pending if r.sampling == first][: self.max_batch]
             self._pending = [r for r in self._pending if not any(r is b for b in batch)]
+            batch = [r for r in batch if not r.future.done()]  # episodes cancelled while waiting
+            if not batch:
+                continue
             try:
                 results = await asyncio.to_thread(self._generate_batch, [r.prompt_ids for r in batch], first)
             except Exception as exc:  # every waiting episode gets the failure as a policy_error
                 for request in batch:
-                    request.future.set_exception(exc)
+                    if not request.future.done():
+                        request.future.set_exception(exc)
                 continue
             for request, result in zip(batch, results):
-                request.future.set_result(result)
+                if not request.future.done():  # an episode cancelled mid-batch (engine stopped) is skipped
+                    request.future.set_result(result)
 
     async def _settle(self) -> None:
         """Yield to the loop until no new request arrives, so episodes waking together share one batch."""
@@ -89,8 +109,12 @@ class HFPolicy:
             if len(self._pending) == before:
                 return
 
-    @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        with self._weights_lock:
+            return self._generate_locked(prompts, sampling)
+
+    @torch.no_grad()
+    def _generate_locked(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
         self.generate_calls += 1
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)

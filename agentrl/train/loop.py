@@ -9,11 +9,12 @@ rewards so every process holds the same per-task statistics.
 from __future__ import annotations
 
 import asyncio
+import copy
 import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -23,12 +24,13 @@ from tqdm import tqdm
 
 from agentrl.algo.advantages import TaskAdvantageStats, compute_advantages
 from agentrl.config import VLLM_LORA_RANKS, ConfigError, Recipe, recipe_to_dict
-from agentrl.eval.runner import run_eval_episodes, summarize, test_tasks
+from agentrl.eval.runner import summarize, test_tasks
 from agentrl.policy.base import SamplingParams
 from agentrl.policy.hf import HFPolicy
 from agentrl.policy.vllm import VLLMPolicy, VLLMServer
 from agentrl.rollout.chat import ChatFormat
 from agentrl.rollout.episode import EpisodeLimits, run_episodes
+from agentrl.rollout.engine import RolloutEngine
 from agentrl.rollout.sampler import TaskSampler
 from agentrl.train.batch import collate
 from agentrl.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -36,7 +38,7 @@ from agentrl.train.metrics import MetricsLogger
 from agentrl.train.setup import EnvSuite, add_lora, build_envs, ensure_base_model, load_model
 from agentrl.train.sft import run_sft
 from agentrl.train.update import param_sync_gap, policy_update
-from agentrl.types import Trajectory
+from agentrl.types import Task, Trajectory
 
 
 def score(trajectories: list[Trajectory], suite: EnvSuite) -> None:
@@ -50,13 +52,28 @@ def score(trajectories: list[Trajectory], suite: EnvSuite) -> None:
             traj.status, traj.error = "env_error", f"reward failed: {type(exc).__name__}: {exc}"
 
 
-def check_versions(trajectories: list[Trajectory], expected: int) -> None:
-    """Every turn must come from the adapter version being trained on (this loop is on-policy)."""
-    for traj in trajectories:
-        versions = {turn.version for turn in traj.turns}
-        if versions - {expected}:
-            raise RuntimeError(f"{traj.task.id} was sampled by adapter version(s) {sorted(versions)}, "
-                               f"expected {expected}: refusing to train on another policy's samples")
+class StepPlanner:
+    """Which task instances each step rolls out on this process, with the sampler state before each step.
+
+    Every process draws the same ``tasks_per_step`` instances and keeps its slice; group ids are unique across
+    steps, because an asynchronous batch can hold groups admitted for different steps.
+    """
+
+    def __init__(self, sampler: TaskSampler, tasks_per_step: int, rank: int, world: int) -> None:
+        self.sampler, self.tasks_per_step, self.rank, self.world = sampler, tasks_per_step, rank, world
+        self._before: dict[int, dict[str, Any]] = {}
+
+    def __call__(self, step: int) -> list[tuple[int, Task]]:
+        self._before[step] = self.sampler.state_dict()
+        tasks = self.sampler.sample(self.tasks_per_step)
+        base = step * self.tasks_per_step
+        return [(base + self.rank + self.world * j, task) for j, task in enumerate(tasks[self.rank::self.world])]
+
+    async def state_before(self, step: int) -> dict[str, Any]:
+        """The sampler state that re-draws ``step``'s instances (run on the engine loop: no plan is half done)."""
+        for old in [s for s in self._before if s < step]:
+            del self._before[old]
+        return self._before.get(step) or self.sampler.state_dict()
 
 
 def rollout_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -72,6 +89,8 @@ def rollout_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
         out[f"rollout/{task}/turns"] = sum(r["turns"] for r in rs) / len(rs)
         out[f"rollout/{task}/truncated"] = sum(r["status"] == "truncated" for r in rs) / len(rs)
     out["rollout/infra_errors"] = float(sum(not r["scored"] for r in records))
+    out["rollout/env_errors"] = float(sum(r["status"] == "env_error" for r in records))
+    out["rollout/policy_errors"] = float(sum(r["status"] == "policy_error" for r in records))
     out["rollout/episodes"] = float(len(records))
     return out
 
@@ -91,8 +110,11 @@ def check_policy_setup(recipe: Recipe) -> None:
 def make_policy(recipe: Recipe, peft_model, tokenizer, base: Path, accelerator: Accelerator):
     """The rollout policy, and the vLLM server started for it (None when not launched here)."""
     pcfg = recipe.policy
+    asynchronous = recipe.rollout.max_staleness > 0
     if pcfg.backend == "hf":
-        return HFPolicy(peft_model, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        # synchronous: serve the very module being trained; asynchronous: a copy, refreshed after each step
+        served = copy.deepcopy(peft_model).eval().requires_grad_(False) if asynchronous else peft_model
+        return HFPolicy(served, tokenizer.eos_token_id, tokenizer.pad_token_id,
                         max_batch=recipe.rollout.max_batch), None
     server, url = None, [pcfg.url]
     if pcfg.launch and accelerator.is_main_process:
@@ -104,24 +126,32 @@ def make_policy(recipe: Recipe, peft_model, tokenizer, base: Path, accelerator: 
         url = [server.start().url]
     if pcfg.launch:
         broadcast_object_list(url)  # the other processes sample from the main process's server
-    policy = VLLMPolicy(url[0], tokenizer.eos_token_id, timeout=pcfg.request_timeout)
+    # asynchronous: requests still in flight name the previous version while the next one loads
+    policy = VLLMPolicy(url[0], tokenizer.eos_token_id, timeout=pcfg.request_timeout,
+                        keep_versions=2 if asynchronous else 1)
     return policy, server
 
 
-def sync_policy(policy, peft_model, accelerator: Accelerator, output: Path, version: int) -> float:
+def sync_policy(policy, peft_model, accelerator: Accelerator, output: Path, version: int,
+                run: Callable[[Any], Any] = asyncio.run) -> float:
     """Make adapter ``version`` (the weights just trained) the one rollouts sample from; returns seconds.
 
-    The hf policy shares the trained module, so only its version moves. For vLLM the main process saves the
-    adapter and the server loads it under a versioned name; every process then samples with that name.
+    An hf policy that shares the trained module only moves its version; one serving a copy (asynchronous
+    training) gets the trainable weights copied in. For vLLM the main process saves the adapter and the
+    server loads it under a versioned name; every process then samples with that name. ``run`` runs the
+    policy's coroutines (on the rollout engine's loop during training).
     """
     start = time.perf_counter()
+    if getattr(policy, "model", peft_model) is not peft_model:  # an in-process copy (asynchronous training)
+        policy.set_weights({n: p.detach() for n, p in peft_model.named_parameters() if p.requires_grad}, version)
+        return time.perf_counter() - start
     if not isinstance(policy, VLLMPolicy):  # in process: the policy serves the module being trained
-        asyncio.run(policy.load_adapter(None, version))
+        run(policy.load_adapter(None, version))
         return time.perf_counter() - start
     if accelerator.is_main_process:
         path = output / "adapters" / f"v{version}"
         peft_model.save_pretrained(path)
-        asyncio.run(policy.load_adapter(str(path), version))
+        run(policy.load_adapter(str(path), version))
         stale = output / "adapters" / f"v{version - policy.keep_versions}"
         if stale.exists():  # unloaded from the server by load_adapter; the checkpoints keep their own copy
             shutil.rmtree(stale)
@@ -130,14 +160,14 @@ def sync_policy(policy, peft_model, accelerator: Accelerator, output: Path, vers
     return time.perf_counter() - start
 
 
-def evaluate_policy(policy, chat: ChatFormat, suite: EnvSuite, recipe: Recipe,
-                    accelerator: Accelerator) -> dict[str, Any]:
+def evaluate_policy(policy, chat: ChatFormat, suite: EnvSuite, recipe: Recipe, accelerator: Accelerator,
+                    run: Callable[[Any], Any] = asyncio.run) -> dict[str, Any]:
     """Held-out success on each environment's test split, split across processes."""
     tasks = test_tasks(suite.prototypes, recipe.eval.limit)
     mine = tasks[accelerator.process_index::accelerator.num_processes]
     sampling = SamplingParams(max_new_tokens=recipe.rollout.max_new_tokens, temperature=recipe.eval.temperature)
     limits = EpisodeLimits(recipe.rollout.max_turns, recipe.rollout.max_total_tokens)
-    trajs = run_eval_episodes(policy, chat, suite.make, mine, sampling, limits)
+    trajs = run(run_episodes(policy, suite.make, mine, list(range(len(mine))), chat, sampling, limits))
     return summarize(gather_object([t.summary() for t in trajs]))
 
 
@@ -200,27 +230,38 @@ def _train(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, pef
             task_stats.load_state_dict(state["task_stats"])
         first_step = state["step"]
         accelerator.print(f"resumed from {checkpoint} at step {first_step}")
-    sync_policy(policy, peft_model, accelerator, output, first_step)
+    planner = StepPlanner(sampler, rcfg.tasks_per_step, rank, world)
+    engine = RolloutEngine(policy, suite.make, planner, lambda trajs: score(trajs, suite), chat,
+                           SamplingParams(max_new_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature),
+                           EpisodeLimits(rcfg.max_turns, rcfg.max_total_tokens), rcfg.group_size,
+                           rcfg.max_staleness, rcfg.max_inflight, first_step).start()
+    try:
+        return _steps(recipe, accelerator, suite, model, peft_model, tokenizer, start, optimizer, scheduler, policy,
+                      engine, planner, task_stats, first_step, chat)
+    finally:
+        engine.close()
+
+
+def _steps(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, peft_model, tokenizer, start: Path,
+           optimizer, scheduler, policy, engine: RolloutEngine, planner: StepPlanner,
+           task_stats: TaskAdvantageStats | None, first_step: int, chat: ChatFormat) -> dict[str, Any]:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cfg, rcfg = recipe.train, recipe.rollout
+    output = Path(cfg.output_dir)
+    asynchronous = rcfg.max_staleness > 0
+    sync_policy(policy, peft_model, accelerator, output, first_step, run=engine.run)
+    engine.publish(first_step)
     logger = MetricsLogger(output, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         (output / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    sampling = SamplingParams(max_new_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature)
-    limits = EpisodeLimits(rcfg.max_turns, rcfg.max_total_tokens)
 
     bar = tqdm(range(first_step, cfg.steps), desc="grpo", disable=not accelerator.is_main_process,
                initial=first_step, total=cfg.steps)
     for step in bar:
         t0 = time.time()
-        # 1. collect: the same task instances on every process; each rolls out its slice, G times each
-        tasks = sampler.sample(rcfg.tasks_per_step)
-        mine = [(rank + world * j, task) for j, task in enumerate(tasks[rank::world])]
-        instances = [task for _, task in mine for _ in range(rcfg.group_size)]
-        groups = [g for g, _ in mine for _ in range(rcfg.group_size)]
-        trajs = asyncio.run(run_episodes(policy, suite.make, instances, groups, chat, sampling, limits))
-        t_rollout = time.time() - t0
-        check_versions(trajs, expected=step)
-        # 2. score
-        score(trajs, suite)
+        # 1. collect: this process's share of the step's groups, no more than max_staleness versions old
+        batch = engine.take(rcfg.tasks_per_step // world, version=step)
+        trajs = batch.trajectories  # scored by the engine as each group finished
         records = gather_object([{**t.summary(), "task": t.task.env, "scored": t.scored, "rank": rank}
                                  for t in trajs])
         errors = sum(not r["scored"] for r in records)
@@ -228,48 +269,64 @@ def _train(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, pef
             bad = next((t.error for t in trajs if not t.scored), "")
             raise RuntimeError(f"step {step}: {errors}/{len(records)} episodes failed (env/policy errors); "
                                f"rollout.max_error_rate={rcfg.max_error_rate}. First error here: {bad}")
-        # 3. advantages over the whole step (identical on every process)
+        # 2. advantages over the whole step (identical on every process)
         adv, informative, adv_stats = compute_advantages(
             torch.tensor([r["reward"] for r in records]), torch.tensor([r["group"] for r in records]),
             torch.tensor([r["scored"] for r in records]), [r["task"] for r in records], task_stats,
             scale_by_std=recipe.algo.scale_by_std)
         own = [i for i, r in enumerate(records) if r["rank"] == rank]
-        # 4. batch: only informative episodes carry gradient
+        # 3. batch: only informative episodes carry gradient
         chosen = [(trajs[k], adv[i].item()) for k, i in enumerate(own) if informative[i]]
-        batch = collate([t for t, _ in chosen], [a for _, a in chosen], tokenizer.pad_token_id)
-        # 5. update
+        sequences = collate([t for t, _ in chosen], [a for _, a in chosen], tokenizer.pad_token_id)
+        # 4. update
         t1 = time.time()
         model.train()
-        update_stats = policy_update(model, peft_model, optimizer, scheduler, accelerator, batch,
+        update_stats = policy_update(model, peft_model, optimizer, scheduler, accelerator, sequences,
                                      recipe.algo, rcfg.temperature, tokenizer.pad_token_id)
-        # 6. sync: the new adapter version is what the next step samples from
-        t_sync = sync_policy(policy, peft_model, accelerator, output, step + 1)
-        metrics = {**rollout_metrics(records), **adv_stats, **update_stats, "time/sync": t_sync,
-                   "time/rollout": t_rollout, "time/update": time.time() - t1, "time/step": time.time() - t0}
-        # 7. save / eval / log
+        # 5. sync: the new adapter version is what the next groups sample from
+        t_sync = sync_policy(policy, peft_model, accelerator, output, step + 1, run=engine.run)
+        if asynchronous:  # admit the next groups now; synchronous runs wait until the step is saved
+            engine.publish(step + 1)
+        metrics = {**rollout_metrics(records), **adv_stats, **update_stats, **staleness_metrics(batch, accelerator),
+                   "time/sync": t_sync, "time/rollout": t1 - t0, "time/update": time.time() - t1,
+                   "time/step": time.time() - t0}
+        # 6. save / eval / log
         if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             metrics["sync/param_gap"] = gap = param_sync_gap(model, accelerator)
             if gap > 1e-6:
                 raise RuntimeError(f"step {step + 1}: processes hold different adapters (gap {gap:.3g})")
             state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "sampler": sampler.state_dict(),
+                     "sampler": engine.run(planner.state_before(engine.resume_step())),
                      "task_stats": task_stats.state_dict() if task_stats is not None else None,
                      "base_model": str(start)}
             save_checkpoint(output / "checkpoints" / f"step_{step + 1}", peft_model, state, rank,
                             accelerator.is_main_process)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            results = evaluate_policy(policy, chat, suite, recipe, accelerator)
+            results = evaluate_policy(policy, chat, suite, recipe, accelerator, run=engine.run)
             metrics.update({f"eval/{n}/success": r["success"] for n, r in results["tasks"].items()})
         if (step + 1) % cfg.log_every == 0:
             logger.log(step + 1, metrics)
         bar.set_postfix({k.split("/")[1][:5]: f"{v:.2f}" for k, v in metrics.items()
                          if k.startswith("rollout/") and k.endswith("/success")})
+        if not asynchronous:
+            engine.publish(step + 1)
+    engine.stop()  # groups admitted for steps beyond the last are not needed
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         peft_model.save_pretrained(output / "adapter")
     results = {}
     if recipe.eval.at_end:
-        results = evaluate_policy(policy, chat, suite, recipe, accelerator)
+        results = evaluate_policy(policy, chat, suite, recipe, accelerator, run=engine.run)
         logger.log(cfg.steps, {f"eval/{n}/success": r["success"] for n, r in results["tasks"].items()})
     logger.close()
     return results
+
+
+def staleness_metrics(batch, accelerator: Accelerator) -> dict[str, float]:
+    """How old the step's samples were, and how many groups were dropped as too old (all processes)."""
+    mine = torch.tensor([float(sum(batch.staleness)), float(max(batch.staleness, default=0)),
+                         float(len(batch.staleness)), float(batch.dropped)], dtype=torch.float64)
+    rows = accelerator.gather(mine.to(accelerator.device).unsqueeze(0)).view(-1, 4).cpu()
+    return {"rollout/staleness_mean": rows[:, 0].sum().item() / max(rows[:, 2].sum().item(), 1.0),
+            "rollout/staleness_max": rows[:, 1].max().item(), "rollout/stale_dropped": rows[:, 3].sum().item(),
+            "time/wait": batch.waited}

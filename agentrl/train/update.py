@@ -2,6 +2,10 @@
 
 The loss of every micro-batch is divided by the *global* number of trained tokens (all micro-batches, all
 processes), so micro-batch size, gradient accumulation and process count do not change the gradient.
+
+With ``algo.importance_sampling`` the proximal policy of the decoupled loss is the weights before the
+update: in the first epoch those are the weights of the very forward pass (so its detached logprobs cost
+nothing extra); later epochs reuse the first epoch's values.
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ def _sequence_logprobs(model, batch: SequenceBatch, temperature: float) -> torch
 
 
 def _micro_loss(model, reference, mb: SequenceBatch, config: AlgoConfig, temperature: float,
-                normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+                normalizer: float, proximal: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """The micro-batch's loss and stats, and the proximal logprobs it used (this forward's when none given)."""
     logprobs = _sequence_logprobs(model, mb, temperature)
+    if proximal is None:
+        proximal = logprobs.detach()
     ref = None
     if config.kl_coef > 0:
         with torch.no_grad(), reference.disable_adapter():
             ref = _sequence_logprobs(reference, mb, temperature)
-    return policy_loss(logprobs, mb.behaviour_logprobs[:, 1:], mb.advantages, mb.loss_mask[:, 1:],
-                       clip_low=config.clip_low, clip_high=config.clip_high, ref_logprobs=ref,
-                       kl_coef=config.kl_coef, normalizer=normalizer)
+    loss, stats = policy_loss(logprobs, mb.behaviour_logprobs[:, 1:], mb.advantages, mb.loss_mask[:, 1:],
+                              clip_low=config.clip_low, clip_high=config.clip_high, ref_logprobs=ref,
+                              kl_coef=config.kl_coef, normalizer=normalizer,
+                              proximal_logprobs=proximal if config.importance_sampling else None,
+                              is_cap=config.is_cap)
+    return loss, stats, proximal
 
 
 def _idle_pass(model, pad_id: int) -> torch.Tensor:
@@ -58,12 +68,14 @@ def policy_update(model, reference, optimizer, scheduler, accelerator: Accelerat
     normalizer = global_tokens / accelerator.num_processes  # DDP averages gradients over processes
     params = [p for p in model.parameters() if p.requires_grad]
     totals: dict[str, float] = {}
+    proximal: dict[int, torch.Tensor] = {}  # micro-batch -> logprobs before the update (first epoch)
     for _ in range(config.epochs):
         for i in range(n_micro):
             start = i * config.micro_batch_size
             if start < len(batch):
                 mb = batch.slice(start, start + config.micro_batch_size)
-                loss, stats = _micro_loss(model, reference, mb, config, temperature, normalizer)
+                loss, stats, proximal[i] = _micro_loss(model, reference, mb, config, temperature, normalizer,
+                                                       proximal.get(i))
                 weight = stats["n_tokens"] / max(global_tokens, 1.0)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + (value if key in ("loss", "n_tokens") else value * weight)
