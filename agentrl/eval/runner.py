@@ -22,6 +22,33 @@ def run_eval_episodes(policy: Policy, chat: ChatFormat, make_env: Callable[[str]
     return asyncio.run(run_episodes(policy, make_env, tasks, list(range(len(tasks))), chat, sampling, limits))
 
 
+class InFlightLimit:
+    """A policy whose ``generate`` calls run at most ``limit`` at a time.
+
+    A server policy gets every episode's turn at once otherwise: a whole test split queues on the HTTP client,
+    and a request that waits for a connection longer than the request timeout fails.
+    """
+
+    def __init__(self, policy: Policy, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.policy, self.limit = policy, limit
+        self._slots: asyncio.Semaphore | None = None
+
+    @property
+    def version(self) -> int:
+        return self.policy.version
+
+    async def generate(self, prompt_ids: list[int], sampling: SamplingParams):
+        if self._slots is None:  # made in the running loop
+            self._slots = asyncio.Semaphore(self.limit)
+        async with self._slots:
+            return await self.policy.generate(prompt_ids, sampling)
+
+    async def load_adapter(self, path: str | None, version: int) -> None:
+        await self.policy.load_adapter(path, version)
+
+
 def summarize(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Aggregate ``Trajectory.summary()`` records into per-task results.
 

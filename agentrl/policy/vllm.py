@@ -28,6 +28,7 @@ from agentrl.policy.base import Generation, SamplingParams
 
 ADAPTER_PREFIX = "agentrl-v"
 BASE_NAME = "base"  # the name a launched server serves the base model under
+BASE_VERSION = -1  # VLLMPolicy(version=BASE_VERSION) samples the base model itself, and its samples attest it
 _VERSION_NAME = re.compile(rf"^{re.escape(ADAPTER_PREFIX)}(\d+)$")
 
 
@@ -55,10 +56,11 @@ class VLLMPolicy:
         url: the server, e.g. ``http://127.0.0.1:8000``.
         eos_id: the token that ends an assistant turn (sent as a stop token; kept in the sampled ids); None
             samples ``max_new_tokens`` every time.
-        version: the adapter version to sample with; :meth:`load_adapter` moves it.
+        version: the adapter version to sample with; :meth:`load_adapter` moves it. ``BASE_VERSION`` samples the
+            base model without an adapter (served as ``base``; evaluation only).
         timeout: seconds per request.
-        keep_versions: adapter versions kept loaded on the server (older ones are unloaded), at least 1; the
-            async engine keeps ``max_staleness + 1``.
+        keep_versions: adapter versions kept loaded on the server (older ones are unloaded), at least 1;
+            asynchronous training keeps 2, since requests in flight during a load still name the previous one.
 
     Example:
         >>> policy = VLLMPolicy("http://127.0.0.1:8000", eos_id=2)  # doctest: +SKIP
@@ -98,8 +100,9 @@ class VLLMPolicy:
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
         if not prompt_ids:
             raise ValueError("empty prompt")
+        model = BASE_NAME if self.version == BASE_VERSION else adapter_name(self.version)
         payload = {
-            "model": adapter_name(self.version), "prompt": list(prompt_ids), "max_tokens": sampling.max_new_tokens,
+            "model": model, "prompt": list(prompt_ids), "max_tokens": sampling.max_new_tokens,
             "temperature": max(sampling.temperature, 0.0), "top_p": 1.0, "top_k": -1, "min_p": 0.0,
             "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False,
             # the turn ends on eos_id alone, not on whatever the tokenizer calls eos
@@ -123,7 +126,13 @@ class VLLMPolicy:
             # stopped on eos, but vLLM left the stop token out of token_ids: keep the record token-faithful
             raise PolicyServerError(f"completion stopped without eos ({self.eos_id}) as its last token: {ids[-5:]}")
         return Generation(ids=list(ids), logprobs=[float(x) for x in logprobs],
-                          version=served_version(body["model"]), finished=finished)
+                          version=self._attested(body["model"]), finished=finished)
+
+    def _attested(self, model_name: str) -> int:
+        """The version the server's echoed model name attests: ``base`` only when the base model was asked for."""
+        if model_name == BASE_NAME and self.version == BASE_VERSION:
+            return BASE_VERSION
+        return served_version(model_name)
 
     async def load_adapter(self, path: str | None, version: int) -> None:
         """Load the PEFT adapter saved at ``path`` as ``agentrl-v<version>``, sample with it from now on,
