@@ -103,6 +103,7 @@ class RolloutConfig:
     max_turns: int = 6
     max_total_tokens: int = 1024
     max_batch: int = 64  # sequences per batched generate call
+    generation_threads: int = 0  # hf backend: torch threads of the generating thread (0: torch's default)
     max_error_rate: float = 0.5  # abort when more than this share of a step's episodes are env/policy errors
     # Asynchronous rollouts: the groups of the next `max_staleness` steps are sampled while the trainer updates;
     # a group more than this many adapter versions behind the trainer is dropped (counted). 0 = synchronous.
@@ -112,6 +113,8 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.max_staleness < 0:
             raise ConfigError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.generation_threads < 0:
+            raise ConfigError(f"rollout.generation_threads must be >= 0, got {self.generation_threads}")
         if self.max_inflight < self.group_size:
             raise ConfigError(f"rollout.max_inflight={self.max_inflight} is below rollout.group_size="
                               f"{self.group_size}: a group's episodes start together")

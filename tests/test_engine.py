@@ -255,3 +255,28 @@ def test_asynchronous_training_runs_with_bounded_staleness(micro_model_dir, tmp_
     trained = [r for r in steps if "train/is_weight_mean" in r]
     assert trained and all(0 < r["train/is_weight_mean"] <= 2.0 for r in trained)
     assert (out / "checkpoints" / "step_4" / "trainer_state.pt").exists()
+
+
+def test_generation_threads_apply_to_the_generating_thread_only(micro_model_dir, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agentrl.policy.hf import HFPolicy
+
+    policy = HFPolicy(AutoModelForCausalLM.from_pretrained(micro_model_dir), tokenizer.eos_token_id,
+                      tokenizer.pad_token_id, num_threads=1)
+    seen = []
+    real = policy._generate_locked
+
+    def spying(prompts, sampling):
+        seen.append(torch.get_num_threads())
+        return real(prompts, sampling)
+
+    policy._generate_locked = spying
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        asyncio.run(policy.generate([1, 2, 3], SamplingParams(max_new_tokens=2)))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -147,7 +147,9 @@ def test_training_hot_swaps_the_adapter_and_changes_the_servers_outputs(server, 
     train(grpo_recipe(tiny_dir, out, server.url))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["time/sync"] > 0 for r in rows)
-    assert rows[0]["train/ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # behaviour == trainer logprobs
+    # the behaviour logprobs vLLM returned are the trainer's own: importance weights 1, no off-policy gap
+    assert rows[0]["train/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert rows[0]["train/offpolicy_kl"] < 1e-6
     # the server now serves version 2 (versions 0 and 1 unloaded), and it is the trained adapter
     models = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
     assert "agentrl-v2" in models and "agentrl-v0" not in models
@@ -159,6 +161,20 @@ def test_training_hot_swaps_the_adapter_and_changes_the_servers_outputs(server, 
     served = torch.tensor(gen.logprobs)
     assert (served - ours).abs().max().item() < LOGPROB_TOLERANCE  # it serves what the trainer trained
     assert (served - base).abs().max().item() > 10 * LOGPROB_TOLERANCE  # and that differs from the base
+
+
+def test_asynchronous_training_samples_with_the_previous_adapter_and_keeps_it_loaded(server, tiny_dir, tmp_path):
+    """max_staleness=1 against the server: the next step's groups are sampled by the previous version while
+    the trainer updates, the server keeps two versions loaded, and the importance correction is logged."""
+    out = tmp_path / "run"
+    train(grpo_recipe(tiny_dir, out, server.url, **{"train.steps": 3, "rollout.max_staleness": 1}))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["rollout/staleness_max"] <= 1 for r in rows) and any(r["rollout/staleness_mean"] > 0 for r in rows)
+    assert all(r["rollout/policy_errors"] == 0 for r in rows)
+    assert all(0 < r["train/is_weight_mean"] <= 2.0 for r in rows if "train/is_weight_mean" in r)
+    models = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert {"agentrl-v2", "agentrl-v3"} <= models and "agentrl-v1" not in models
 
 
 def test_a_stale_adapter_is_refused(server, tiny_dir, tmp_path, monkeypatch):

@@ -33,6 +33,9 @@ class HFPolicy:
         eos_id: token id that ends an assistant turn.
         pad_id: padding token id.
         max_batch: most sequences per ``generate`` call.
+        num_threads: torch intra-op threads for generation (set in the generating thread only; ``None``
+            leaves torch's setting). Small models decode faster on one thread, and in asynchronous training
+            the other cores are left to the update.
 
     Example:
         >>> policy = HFPolicy(model, tokenizer.eos_token_id, tokenizer.pad_token_id)  # doctest: +SKIP
@@ -40,8 +43,9 @@ class HFPolicy:
     """
 
     def __init__(self, model: PreTrainedModel, eos_id: int, pad_id: int, max_batch: int = 64,
-                 version: int = 0) -> None:
+                 version: int = 0, num_threads: int | None = None) -> None:
         self.model = model
+        self.num_threads = num_threads
         self.eos_id, self.pad_id = eos_id, pad_id
         self.max_batch = max_batch
         self.version = version
@@ -110,6 +114,8 @@ class HFPolicy:
                 return
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)  # per thread: the trainer's thread keeps its own setting
         with self._weights_lock:
             return self._generate_locked(prompts, sampling)
 

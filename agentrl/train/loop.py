@@ -114,8 +114,8 @@ def make_policy(recipe: Recipe, peft_model, tokenizer, base: Path, accelerator: 
     if pcfg.backend == "hf":
         # synchronous: serve the very module being trained; asynchronous: a copy, refreshed after each step
         served = copy.deepcopy(peft_model).eval().requires_grad_(False) if asynchronous else peft_model
-        return HFPolicy(served, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                        max_batch=recipe.rollout.max_batch), None
+        return HFPolicy(served, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch=recipe.rollout.max_batch,
+                        num_threads=recipe.rollout.generation_threads or None), None
     server, url = None, [pcfg.url]
     if pcfg.launch and accelerator.is_main_process:
         output = Path(recipe.train.output_dir)
