@@ -15,14 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from agentrl.config import LoRAConfig
 from agentrl.eval.cli import main as eval_main
 from agentrl.model import build_tiny_model
 from agentrl.policy.vllm import BASE_VERSION, PolicyServerError, VLLMPolicy, VLLMServer
-from agentrl.train.setup import add_lora
 from agentrl.types import Trajectory
+from tests.train_helpers import random_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = os.environ.get("AGENTRL_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -30,17 +28,6 @@ PYTHON = os.environ.get("AGENTRL_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" /
 EVAL_ARGS = ["--tasks", "calculator,lookup", "--limit", "4", "--max_new_tokens", "32", "--max_turns", "2"]
 # float32 on both sides, as in tests/test_vllm.py (measured there: 1e-5)
 LOGPROB_TOLERANCE = 1e-3
-
-
-def lora_adapter(model_dir, path, r, seed):
-    """A LoRA adapter of rank ``r`` with non-zero B: it changes the model's greedy outputs."""
-    model = add_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoRAConfig(r=r))
-    torch.manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0.0, 0.3)
-    model.save_pretrained(path)
-    return path
 
 
 def evaluate(model: str, model_args: str, out: Path, monkeypatch) -> tuple[dict, list[dict], list[Trajectory]]:
@@ -88,7 +75,7 @@ def test_a_started_server_evaluates_like_the_hf_backend(tiny_dir, tmp_path, monk
     if not Path(PYTHON).exists():
         pytest.fail(f"no vLLM environment at {PYTHON}: run `bash launch/setup_vllm.sh`")
     monkeypatch.setenv("AGENTRL_VLLM_PYTHON", PYTHON)
-    adapter = lora_adapter(tiny_dir, tmp_path / "adapter", r=4, seed=1)
+    adapter = random_adapter(tiny_dir, tmp_path / "adapter", r=4, seed=1)
     model_args = f"pretrained={tiny_dir},adapter={adapter}"
     ours = evaluate("vllm", model_args, tmp_path / "vllm", monkeypatch)
     config = ours[0]["config"]["vllm"]
@@ -108,7 +95,7 @@ def test_a_running_server_evaluates_the_base_model_and_an_adapter_like_the_hf_ba
     at the end, and the base model's samples must attest `base`."""
     if not Path(PYTHON).exists():
         pytest.fail(f"no vLLM environment at {PYTHON}: run `bash launch/setup_vllm.sh`")
-    adapter = lora_adapter(tiny_dir, tmp_path / "adapter", r=16, seed=2)
+    adapter = random_adapter(tiny_dir, tmp_path / "adapter", r=16, seed=2)
     completions = {}
     with VLLMServer(tiny_dir, python=PYTHON, max_lora_rank=16, log_path=tmp_path / "vllm.log") as server:
         for name, extra in [("adapter", f",adapter={adapter}"), ("base", "")]:

@@ -18,14 +18,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agentrl.config import LoRAConfig, load_recipe
+from agentrl.config import load_recipe
 from agentrl.envs import make_env
 from agentrl.model import build_tiny_model
 from agentrl.policy.base import SamplingParams
 from agentrl.policy.vllm import PolicyServerError, VLLMPolicy, VLLMServer
 from agentrl.rollout.chat import ChatFormat
 from agentrl.train.loop import train
-from agentrl.train.setup import add_lora
+from tests.train_helpers import random_adapter
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,17 +61,6 @@ def prompt(tiny_dir):
     ids = chat.prompt_ids(env.reset(task), env.tools())
     assert len(ids) > 200
     return ids
-
-
-def random_adapter(tiny_dir, path, seed):
-    """A LoRA adapter with non-zero B, so it changes the model's outputs."""
-    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), LoRAConfig())
-    torch.manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0.0, 0.3)
-    model.save_pretrained(path)
-    return path
 
 
 def trainer_logprobs(tiny_dir, adapter, prompt, ids, temperature):
