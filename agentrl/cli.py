@@ -36,8 +36,11 @@ def tiny_model(argv: list[str]) -> None:
     parser.add_argument("--size", default="tiny", choices=sorted(SHAPES))
     parser.add_argument("--vocab_size", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--envs", default="", help="comma-separated environments whose oracle conversations train "
+                                                   "the tokenizer (default: all in the name table)")
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.output, size=args.size, vocab_size=args.vocab_size, seed=args.seed)
+    path = build_tiny_model(args.output, size=args.size, vocab_size=args.vocab_size, seed=args.seed,
+                            env_names=[n for n in args.envs.split(",") if n] or None)
     print(f"wrote {args.size} model to {path}")
 
 

@@ -25,6 +25,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "runs/tiny-model"  # a from_pretrained directory; built here when missing and `build` is set
     build: str | None = "tiny"  # tiny-model size to build at `path` if it does not exist (None: never build)
+    # environments whose oracle conversations train a built model's tokenizer (empty: the recipe's environments)
+    tokenizer_envs: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -158,5 +158,6 @@ def build_tiny_model(output: str | Path, size: str = "tiny", env_names: list[str
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
-    (output / BUILD_STAMP).write_text(json.dumps({"format": BUILD_FORMAT, "size": size, "seed": seed}))
+    (output / BUILD_STAMP).write_text(json.dumps({"format": BUILD_FORMAT, "size": size, "seed": seed,
+                                                  "tokenizer_envs": env_names}))
     return output

@@ -94,3 +94,15 @@ def test_first_call_copies_the_same_token_ids_the_prompt_shows(tokenizer, name, 
         call = env.oracle(task)[0]
         copied = _span(chat.encode(tool_call_text(call)), str(value(call)), tokenizer)
         assert _contains(prompt, copied), (task.prompt, [tokenizer.decode([i]) for i in copied])
+
+
+def test_a_built_tokenizer_learns_from_the_recipes_environments(tmp_path):
+    from agentrl.config import ModelConfig
+    from agentrl.model import BUILD_STAMP
+    from agentrl.train.setup import ensure_base_model
+
+    built = ensure_base_model(ModelConfig(path=str(tmp_path / "a"), build="micro"), ["lookup"])
+    assert json.loads((built / BUILD_STAMP).read_text())["tokenizer_envs"] == ["lookup"]
+    chosen = ensure_base_model(ModelConfig(path=str(tmp_path / "b"), build="micro", tokenizer_envs=["calculator"]),
+                               ["lookup"])
+    assert json.loads((chosen / BUILD_STAMP).read_text())["tokenizer_envs"] == ["calculator"]

@@ -175,7 +175,7 @@ def prepare_model(recipe: Recipe, suite: EnvSuite, accelerator: Accelerator):
     """Base model (built if missing) → SFT warm start (if enabled) → fresh LoRA adapter."""
     output = Path(recipe.train.output_dir)
     with accelerator.main_process_first():
-        base = ensure_base_model(recipe.model)
+        base = ensure_base_model(recipe.model, sorted({env.name for env in recipe.envs}))
     start = base
     if recipe.sft.enabled:
         start = run_sft(base, output / "sft", suite, recipe.sft, recipe.train.seed)

@@ -15,10 +15,12 @@ from agentrl.envs import env_factory
 from agentrl.resolve import resolve
 
 
-def ensure_base_model(config: ModelConfig) -> Path:
+def ensure_base_model(config: ModelConfig, env_names: list[str] | None = None) -> Path:
     """The base model directory, built with ``agentrl tiny-model`` first when it is missing.
 
-    A directory that an older agentrl built (another ``BUILD_FORMAT``) is refused rather than reused.
+    A built tokenizer learns its merges from the oracle conversations of ``config.tokenizer_envs``, else of
+    ``env_names`` (the recipe's environments), else of every environment in the name table. A directory that an
+    older agentrl built (another ``BUILD_FORMAT``) is refused rather than reused.
     """
     from agentrl.model import BUILD_FORMAT, BUILD_STAMP
 
@@ -36,7 +38,7 @@ def ensure_base_model(config: ModelConfig) -> Path:
         raise FileNotFoundError(f"model.path={config.path} has no model and model.build is null")
     from agentrl.model import build_tiny_model
 
-    return build_tiny_model(path, size=config.build)
+    return build_tiny_model(path, size=config.build, env_names=list(config.tokenizer_envs) or env_names)
 
 
 def load_model(path: str | Path):
