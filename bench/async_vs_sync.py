@@ -50,6 +50,7 @@ def run_training(recipe: str, model: Path, out: Path, steps: int, staleness: int
         "trajectories": int(sum(r["rollout/episodes"] for r in step_rows)),
         "dropped_groups": int(sum(r.get("rollout/stale_dropped", 0) for r in step_rows)),
         "wall_s": wall,
+        "load_average": os.getloadavg()[0],
         "process_s": time.time() - started,
         "mean_wait_s": sum(r.get("time/wait", r["time/rollout"]) for r in step_rows) / len(step_rows),
         "mean_update_s": sum(r["time/update"] for r in step_rows) / len(step_rows),
@@ -69,25 +70,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--staleness", type=int, default=1, help="max_staleness of the asynchronous run")
     parser.add_argument("--output", default="runs/bench_async")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="pairs of runs, in ABBA order so a load change on a shared machine hits both modes")
     args = parser.parse_args(argv)
     model = Path(args.model)
     if not (model / "config.json").exists():
         raise SystemExit(f"[bench] no model at {model}: run `bash launch/quickstart.sh` first (it writes "
                          "runs/quickstart/sft), or pass --model DIR")
     out = Path(args.output)
-    results = [run_training(args.recipe, model, out / f"k{k}", args.steps, k, extra) for k in (0, args.staleness)]
-    sync, asyn = results
-    speedup = sync["wall_s"] / asyn["wall_s"]
+    order = [k for i in range(args.repeats) for k in ((0, args.staleness) if i % 2 == 0 else (args.staleness, 0))]
+    results = [run_training(args.recipe, model, out / f"k{k}_{i}", args.steps, k, extra) for i, k in enumerate(order)]
+    by_mode = {k: [r for r in results if r["staleness"] == k] for k in (0, args.staleness)}
+    walls = {k: sorted(r["wall_s"] for r in rs) for k, rs in by_mode.items()}
+    median = {k: w[len(w) // 2] if len(w) % 2 else (w[len(w) // 2 - 1] + w[len(w) // 2]) / 2 for k, w in walls.items()}
+    speedup = median[0] / median[args.staleness]
+    heldout = {k: sum(r["heldout_mean"] for r in rs) / len(rs) for k, rs in by_mode.items()}
     print(f"\n{'mode':<14}{'trajs':>7}{'wall s':>9}{'trajs/s':>9}{'wait s':>8}{'update s':>10}{'stale':>7}"
-          f"{'dropped':>9}  held-out success")
+          f"{'dropped':>9}{'load':>6}  held-out success")
     for r in results:
         label = "sync (k=0)" if r["staleness"] == 0 else f"async (k={r['staleness']})"
         per_task = ", ".join(f"{t} {v:.2f}" for t, v in r["heldout_success"].items())
         print(f"{label:<14}{r['trajectories']:>7}{r['wall_s']:>9.1f}{r['trajectories'] / r['wall_s']:>9.2f}"
               f"{r['mean_wait_s']:>8.2f}{r['mean_update_s']:>10.2f}{r['staleness_mean']:>7.2f}"
-              f"{r['dropped_groups']:>9}  mean {r['heldout_mean']:.3f} ({per_task})")
-    print(f"\nasync/sync wall-clock speedup: {speedup:.2f}x; held-out mean {sync['heldout_mean']:.3f} (sync) vs "
-          f"{asyn['heldout_mean']:.3f} (async); load average at the end {os.getloadavg()[0]:.2f}")
+              f"{r['dropped_groups']:>9}{r['load_average']:>6.1f}  mean {r['heldout_mean']:.3f} ({per_task})")
+    print(f"\nasync/sync wall-clock speedup (median of {args.repeats}): {speedup:.2f}x; held-out mean "
+          f"{heldout[0]:.3f} (sync) vs {heldout[args.staleness]:.3f} (async); load average at the end "
+          f"{os.getloadavg()[0]:.2f}")
     summary = {"runs": results, "speedup": speedup, "extra_overrides": extra, "recipe": args.recipe,
                "model": str(model), "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count()}
     (out / "results.json").write_text(json.dumps(summary, indent=2))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ast
-import hashlib
 import math
 import operator
 import random
 from fractions import Fraction
 
-from agentrl.envs.base import ToolEnvironment, tool
+from agentrl.envs.base import ToolEnvironment, in_test_split, tool
 from agentrl.types import Task, ToolCall
 
 TOLERANCE = 1e-6
@@ -72,10 +71,6 @@ def format_number(value: Fraction) -> str:
     """Integers without a decimal point, other values to 12 significant digits."""
     return str(value.numerator) if value.denominator == 1 else format(float(value), ".12g")
 
-
-def in_test_split(content: str) -> bool:
-    """Stable split membership of a task's content (sha256: Python's hash() is salted per process)."""
-    return int(hashlib.sha256(content.encode()).hexdigest(), 16) % 10 == 0
 
 
 class CalculatorEnv(ToolEnvironment):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import string
 
-from agentrl.envs.base import ToolEnvironment, tool
+from agentrl.envs.base import ToolEnvironment, in_test_split, tool
 from agentrl.types import Message, Task, ToolCall
 
 # "words" keys are whole common words, one token each for most tokenizers: the easiest keys to copy.
@@ -22,10 +21,6 @@ PARTIAL_CAP = 8.0  # partial credit never reaches the reward of a correct answer
 MAX_DRAWS = 1000
 DEFAULTS = {"min_hops": 1, "max_hops": 3, "distractors": 3, "alphabet": "alnum", "key_length": (3, 4)}
 
-
-def in_test_split(content: str) -> bool:
-    """Stable split membership of a task's content (sha256: Python's hash() is salted per process)."""
-    return int(hashlib.sha256(content.encode()).hexdigest(), 16) % 10 == 0
 
 
 def normalize_key(key: str) -> str:

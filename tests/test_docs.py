@@ -41,3 +41,18 @@ def test_environments_doc_examples_work(monkeypatch):
     excerpt = next(block for block in blocks if block.startswith("server = MCPServer("))
     server_lines = (ROOT / "tests" / "mcp_servers" / "kv_server.py").read_text().splitlines()
     assert [line for line in excerpt.splitlines() if line.strip() and line not in server_lines] == []
+
+
+def test_the_add_an_environment_guide_runs_as_written():
+    """The guide's environment and its tests, executed in order; its oracle solves the whole test split."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "adding-an-environment.md").read_text(), re.DOTALL)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/adding-an-environment.md", "exec"), namespace)
+    env_class = namespace["PantryEnv"]
+    assert [t["function"]["name"] for t in env_class().tools()] == ["answer", "look", "shelves"]
+    namespace["test_the_oracle_solves_the_test_split"]()
+    namespace["test_a_wrong_answer_and_a_bad_call"]()
+    code_lines = len([line for line in blocks[0].splitlines() if line.strip()])
+    assert code_lines <= 100  # the guide promises the smallest complete example

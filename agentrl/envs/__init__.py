@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from agentrl.envs.base import Environment, ToolEnvironment, tool
+from agentrl.envs.base import Environment, ToolEnvironment, in_test_split, tool
 from agentrl.envs.schema import check_arguments, function_schema
 from agentrl.envs.tools import Tool, ToolError, object_tools, schema_tools
 
-__all__ = ["Environment", "ToolEnvironment", "tool", "Tool", "ToolError", "object_tools", "schema_tools",
-           "function_schema", "check_arguments", "make_env", "env_factory"]
+__all__ = ["Environment", "ToolEnvironment", "tool", "in_test_split", "Tool", "ToolError", "object_tools",
+           "schema_tools", "function_schema", "check_arguments", "make_env", "env_factory"]
 
 
 def make_env(name: str, **kwargs):

@@ -50,6 +50,19 @@ class Environment(Protocol):
     def close(self) -> None: ...
 
 
+def in_test_split(content: str, share: int = 10) -> bool:
+    """Whether a task whose defining content is ``content`` belongs to the test split (1 in ``share``).
+
+    Deciding by content, not by index, keeps the splits disjoint: a ``make_task`` draws until membership
+    matches the split it builds. sha256, because Python's ``hash()`` is salted per process.
+
+    Example:
+        >>> in_test_split("17+25") == in_test_split("17+25")
+        True
+    """
+    return int(hashlib.sha256(content.encode()).hexdigest(), 16) % share == 0
+
+
 def task_rng(*parts: Any) -> random.Random:
     """A Random seeded from a stable hash of ``parts`` (Python's ``hash`` is salted per process)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
