@@ -148,3 +148,32 @@ def test_hf_policy_trajectories_match_sampled_ids_and_logprobs(micro_model_dir, 
         recomputed = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
         trained = torch.tensor(mask[1:], dtype=torch.bool)
         assert torch.allclose(recomputed[trained], torch.tensor(behaviour[1:])[trained], atol=1e-3)
+
+
+def test_blocking_environments_step_in_threads_so_episodes_overlap(tokenizer):
+    """Two episodes whose one tool call takes 0.4 s: with ``blocking = True`` they wait side by side."""
+    import threading
+    import time
+
+    class Slow(ToolEnvironment):
+        name, version, system_prompt = "slow", "slow-v1", "Wait."
+        blocking = True
+        threads: set = set()
+
+        @tool
+        def wait(self) -> str:
+            """Wait a while; ends the episode."""
+            Slow.threads.add(threading.current_thread().name)
+            time.sleep(0.4)
+            self.finish(reward=1.0, success=True)
+            return "done"
+
+    task = Task("slow", "test", 0, "Wait.", {}, "slow-v1")
+    policy = ScriptedPolicy(tokenizer, [tool_call_text(ToolCall("wait", {}))] * 2)
+    start = time.perf_counter()
+    trajs = asyncio.run(run_episodes(policy, lambda name: Slow(), [task, task], [0, 1], ChatFormat(tokenizer),
+                                     SamplingParams(max_new_tokens=64), EpisodeLimits(max_turns=2)))
+    elapsed = time.perf_counter() - start
+    assert [t.success for t in trajs] == [True, True]
+    assert elapsed < 0.75, elapsed  # inline, the two calls would take 0.8 s one after the other
+    assert all(name.startswith("agentrl-env") for name in Slow.threads)

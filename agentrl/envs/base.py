@@ -104,6 +104,9 @@ class ToolEnvironment:
     system_prompt: ClassVar[str]
     split_sizes: ClassVar[dict[str, int]] = {"train": 100_000, "test": 200}
     max_observation_chars: ClassVar[int] = 2000
+    # True when calls wait on something outside Python (a browser, a subprocess, the network): the rollout
+    # engine then calls reset/step/close in a worker thread so other episodes go on meanwhile.
+    blocking: ClassVar[bool] = False
 
     def __init__(self, tools: Iterable[Tool] = ()) -> None:
         methods = [Tool(function_schema(getattr(self, attr), attr), getattr(self, attr))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 from agentrl.envs.base import Environment
 from agentrl.policy.base import Policy, SamplingParams
@@ -20,6 +22,24 @@ class EpisodeLimits:
 
     max_turns: int = 6
     max_total_tokens: int = 1024
+
+
+ENV_THREADS = 64  # threads for the calls of blocking environments (browsers, sandboxes, remote services)
+
+
+@functools.lru_cache(maxsize=1)
+def _env_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=ENV_THREADS, thread_name_prefix="agentrl-env")
+
+
+async def env_call(env: Environment, method: Callable[..., Any], *args: Any) -> Any:
+    """Call an environment method. An environment whose class sets ``blocking = True`` (its calls wait on a
+    browser, a subprocess or the network) is called in a worker thread, so the other episodes and the policy's
+    batching go on meanwhile; others are called inline, which keeps a run's batches, and so its samples,
+    reproducible."""
+    if getattr(env, "blocking", False):
+        return await asyncio.get_running_loop().run_in_executor(_env_executor(), functools.partial(method, *args))
+    return method(*args)
 
 
 class _PolicyFailure(Exception):
@@ -53,7 +73,7 @@ async def run_episode(policy: Policy, env: Environment, task: Task, chat: ChatFo
     except Exception as exc:  # the episode boundary: an env failure is data, not a crash
         traj.status, traj.error = "env_error", _error_text(exc)
     finally:
-        env.close()
+        await env_call(env, env.close)
     if not traj.scored:
         traj.reward, traj.success = 0.0, False
     return traj
@@ -61,8 +81,8 @@ async def run_episode(policy: Policy, env: Environment, task: Task, chat: ChatFo
 
 async def _play(policy: Policy, env: Environment, task: Task, chat: ChatFormat, sampling: SamplingParams,
                 limits: EpisodeLimits, traj: Trajectory) -> None:
-    traj.messages = list(env.reset(task))
-    traj.tools = env.tools()
+    traj.messages = list(await env_call(env, env.reset, task))
+    traj.tools = await env_call(env, env.tools)
     prompt_ids = chat.prompt_ids(traj.messages, traj.tools)
     for _ in range(limits.max_turns):
         budget = min(sampling.max_new_tokens, limits.max_total_tokens - len(prompt_ids))
@@ -82,7 +102,7 @@ async def _play(policy: Policy, env: Environment, task: Task, chat: ChatFormat, 
             return
         if not parsed.items:
             return  # a plain-text answer ends the episode; the env gave no reward
-        tool_messages, done = _run_tools(env, parsed.items, traj)
+        tool_messages, done = await _run_tools(env, parsed.items, traj)
         traj.messages += tool_messages
         if done:
             return
@@ -98,7 +118,7 @@ def _assistant_message(content: str, calls: list) -> Message:
     return message
 
 
-def _run_tools(env: Environment, items: list, traj: Trajectory) -> tuple[list[Message], bool]:
+async def _run_tools(env: Environment, items: list, traj: Trajectory) -> tuple[list[Message], bool]:
     """Execute the parsed calls in order; parse errors become error observations."""
     messages: list[Message] = []
     for item in items:
@@ -106,7 +126,7 @@ def _run_tools(env: Environment, items: list, traj: Trajectory) -> tuple[list[Me
             traj.info["tool_errors"] = traj.info.get("tool_errors", 0) + 1
             messages.append({"role": "tool", "content": f"Error: {item}"})
             continue
-        result = env.step(item)
+        result = await env_call(env, env.step, item)
         if "tool_error" in result.info:
             traj.info["tool_errors"] = traj.info.get("tool_errors", 0) + 1
         messages.append({"role": "tool", "name": item.name, "content": result.observation})
