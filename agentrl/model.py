@@ -78,6 +78,7 @@ NUMBER_TOKENS = [str(n) for n in range(1000)]
 # directory built by an older version is not silently reused (agentrl.train.setup.ensure_base_model).
 BUILD_FORMAT = 2
 BUILD_STAMP = "agentrl_build.json"
+BLOCKING_ENV_TRACES = 60  # oracle conversations per blocking environment in the tokenizer corpus
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
@@ -109,7 +110,9 @@ def environment_corpus(tokenizer_template: str, env_names: list[str], per_env: i
     texts = []
     for name in env_names:
         env = make_env(name)
-        for task in env.tasks("train", per_env):
+        # an environment that waits on a browser or a sandbox replays fewer conversations (each costs ~0.1-1 s)
+        count = min(per_env, BLOCKING_ENV_TRACES) if getattr(env, "blocking", False) else per_env
+        for task in env.tasks("train", count):
             conversation = oracle_conversation(env, task)
             rendered, _ = render_jinja_template([conversation.messages], tools=conversation.tools,
                                                 chat_template=tokenizer_template)

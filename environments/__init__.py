@@ -9,4 +9,7 @@ only has to be importable.
 ENVIRONMENTS: dict[str, str] = {
     "calculator": "environments.calculator:CalculatorEnv",
     "lookup": "environments.lookup:LookupEnv",
+    "db": "environments.db:DBEnv",
+    "kg": "environments.kg:KGEnv",
+    "os": "environments.os_shell:OSEnv",
 }

@@ -9,7 +9,9 @@ from agentrl.model import build_tiny_model
 
 @pytest.fixture(scope="session")
 def micro_model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("micro") / "model", size="micro", seed=0)
+    # the two core environments: replaying every table entry's oracle (sandboxes, browsers) would take minutes
+    return build_tiny_model(tmp_path_factory.mktemp("micro") / "model", size="micro", seed=0,
+                            env_names=["calculator", "lookup"])
 
 
 @pytest.fixture(scope="session")
