@@ -12,4 +12,6 @@ ENVIRONMENTS: dict[str, str] = {
     "db": "environments.db:DBEnv",
     "kg": "environments.kg:KGEnv",
     "os": "environments.os_shell:OSEnv",
+    "household": "environments.household:HouseholdEnv",
+    "reasoning_gym": "environments.reasoning_gym_env:ReasoningGymEnv",
 }

@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing pinned dependencies (about 1-2 minutes on a fresh machine)"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -c "$ROOT/launch/constraints.txt" -e "$ROOT[test,mcp]"
+    -c "$ROOT/launch/constraints.txt" -e "$ROOT[test,mcp,web,reasoning]"
   "$VENV/bin/python" -m pip check
   echo "$want" > "$stamp"
 fi

@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source launch/setup_venv.sh
+bash launch/setup_browser.sh  # the web environment's tests drive a real headless Chromium
 run() {
   local status=0
   python -m pytest "$@" || status=$?
