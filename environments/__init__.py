@@ -14,4 +14,5 @@ ENVIRONMENTS: dict[str, str] = {
     "os": "environments.os_shell:OSEnv",
     "household": "environments.household:HouseholdEnv",
     "reasoning_gym": "environments.reasoning_gym_env:ReasoningGymEnv",
+    "web": "environments.web:WebShopEnv",
 }

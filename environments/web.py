@@ -1,0 +1,540 @@
+"""Web shop: buy the product an instruction describes, in a real headless Chromium on a local generated shop.
+
+The site (:mod:`environments.web_shop_site`) is real HTTP on loopback; the browser is Chromium driven by
+Playwright. The model sees each page as compact text with element ids (``[17] link "red shirt $24"``) and acts
+with ``search``, ``click``, ``back`` and ``read``. The reward, 0-1 with partial credit in the manner of
+WebShop, scores the order the site recorded against the instruction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import os
+import random
+import shutil
+import threading
+import weakref
+from typing import Any
+
+from agentrl.envs.base import ToolEnvironment, in_test_split, tool
+from agentrl.envs.schema import function_schema
+from agentrl.envs.tools import Tool, ToolError
+from agentrl.types import Message, Task, ToolCall
+from environments.web_shop_site import ShopSite, search_products
+
+CATEGORIES = ("shirt", "hat", "coat", "dress", "scarf", "skirt", "jacket", "sweater")
+COLOURS = ("red", "blue", "green", "black", "white", "pink", "gray", "brown")
+MATERIALS = ("cotton", "wool", "silk", "linen", "denim", "leather")
+ATTRIBUTES = (("colour", COLOURS), ("material", MATERIALS))  # the first `attributes` of these name a product
+OPTIONS = (("size", ("s", "m", "l", "xl")), ("fit", ("slim", "regular", "loose")))  # chosen on its page
+LIMITS = tuple(range(20, 100, 10))  # "under N dollars"
+TEMPLATES = ("Buy a {item}.", "I need a {item}. Please buy it.", "Find a {item} and buy it.",
+             "Please purchase a {item}.")
+TOOLS = ("search", "click", "back", "read")
+MAX_QUERY_CHARS = 100
+MAX_DRAWS = 1000
+DEFAULTS = {"products": 12, "attributes": 2, "options": 2, "price_limit": True, "page_size": 4, "cart": True,
+            "phrasing": "varied", "tools": TOOLS}
+EASY = {"products": 3, "attributes": 1, "options": 1, "price_limit": False, "page_size": 5, "cart": False,
+        "phrasing": "plain", "tools": ("search", "click")}
+
+# Chromium, headless, as this platform needs it (docs/envs/web.md); Playwright adds --headless and its own
+# fresh --user-data-dir.
+CHROMIUM_FLAGS = ("--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-extensions",
+                  "--disable-dev-shm-usage")
+INSTALL_HINT = "install it with `bash launch/setup_browser.sh` (apt-get install -y chromium)"
+NAV_TIMEOUT_MS = 15_000  # a page of the local site loads in ~0.2 s; this is for a machine under heavy load
+ACTION_TIMEOUT_MS = 10_000  # an element that cannot be clicked in this time is the model's error, not a hang
+CALL_TIMEOUT_S = 60.0  # the whole browser call, waited for from the environment's thread
+GRACE_S = 3.0  # the browser outlives the last environment's close() this long, for env-per-episode callers
+IDLE_S = 120.0  # ...and closes after this long without any browser call, even if environments never close
+MAX_PAGES = 16  # pages kept; beyond this an idle environment's page is lent to another (it re-opens its URL)
+
+# Page -> compact text. Interactive elements are "[id] kind "label""; other text is joined into lines at
+# block elements. Ids are the site's data-eid attributes; elements without one are numbered after them.
+RENDER_JS = r"""() => {
+  const BLOCK = new Set(["P","DIV","LI","UL","OL","H1","H2","H3","H4","H5","H6","FORM","TABLE","TR","SECTION",
+                         "HEADER","FOOTER","NAV","MAIN","ARTICLE","BR","HR","BODY"]);
+  const SKIP = new Set(["SCRIPT","STYLE","NOSCRIPT","TEMPLATE","HEAD"]);
+  let next = 1;
+  for (const el of document.querySelectorAll("[data-eid]")) next = Math.max(next, (parseInt(el.dataset.eid) || 0) + 1);
+  const lines = []; let line = [];
+  const flush = () => { const t = line.join(" ").replace(/\s+/g, " ").trim(); if (t) lines.push(t); line = []; };
+  const kindOf = (el) => {
+    const tag = el.tagName;
+    if (tag === "A" && el.hasAttribute("href")) return "link";
+    if (tag === "BUTTON") return "button";
+    if (tag === "TEXTAREA") return "textbox";
+    if (tag === "SELECT") return "combobox";
+    if (tag === "INPUT") {
+      const t = (el.getAttribute("type") || "text").toLowerCase();
+      if (t === "hidden") return null;
+      if (["submit", "button", "reset", "image"].includes(t)) return "button";
+      return (t === "checkbox" || t === "radio") ? t : "textbox";
+    }
+    const role = el.getAttribute("role");
+    return (role === "button" || role === "link") ? role : null;
+  };
+  const labelOf = (el, kind) => {
+    let text = kind === "textbox" ? el.value : (el.tagName === "INPUT" && kind === "button") ? el.value
+             : (kind === "checkbox" || kind === "radio") ? (el.labels && el.labels[0] ? el.labels[0].innerText : "")
+             : el.innerText;
+    text = (text || "").replace(/\s+/g, " ").trim();
+    return text.length > 80 ? text.slice(0, 80) + "..." : text;
+  };
+  const walk = (node) => {
+    if (node.nodeType === 3) { line.push(node.nodeValue); return; }
+    if (node.nodeType !== 1 || SKIP.has(node.tagName)) return;
+    if (node.checkVisibility && !node.checkVisibility()) return;
+    if (node.tagName === "LABEL" && node.control) {  // the control shows the label's text itself
+      if (node.contains(node.control)) walk(node.control);
+      return;
+    }
+    const kind = kindOf(node);
+    if (kind) {
+      if (!node.dataset.eid) node.dataset.eid = String(next++);
+      const on = ["aria-current", "aria-pressed", "aria-selected"].some((a) => node.getAttribute(a) === "true");
+      const state = node.checked ? " (checked)" : on ? " (selected)" : "";
+      line.push(`[${node.dataset.eid}] ${kind} ${JSON.stringify(labelOf(node, kind))}${state}`);
+      return;
+    }
+    const block = BLOCK.has(node.tagName);
+    if (block) flush();
+    for (const child of node.childNodes) walk(child);
+    if (block) flush();
+  };
+  if (document.body) walk(document.body);
+  flush();
+  return lines.join("\n");
+}"""
+
+
+class BrowserHost:
+    """One headless Chromium for this process, shared by every web environment, driven from its own thread.
+
+    Playwright's sync API is bound to one thread and refuses to run inside an asyncio loop; environments are
+    stepped from worker threads (the env service) and from inside the rollout engine's loop. So the async API
+    runs on a private loop thread and environments submit coroutines to it. Each environment borrows a page
+    (pages share one browser context: the site keeps state per session id in the URL, not in cookies). The
+    browser starts on the first call and stops :data:`GRACE_S` after the last environment closes, or after
+    :data:`IDLE_S` without a call; an environment whose page went away re-opens its URL on a new one.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="web-browser", daemon=True)
+        self.thread.start()
+        self.starts = 0  # how many times a browser was launched (tests read it)
+        self._playwright: Any = None
+        self._context: Any = None
+        self._pages: dict[int, Any] = {}  # environment key -> its page
+        self._idle: list[tuple[Any, asyncio.Task]] = []  # pages no environment holds, each being blanked
+        self._busy: set[int] = set()
+        self._holders: set[int] = set()  # environments that have not closed
+        self._stopper: asyncio.TimerHandle | None = None
+        self._last_call = 0.0
+        self._lock = asyncio.Lock()
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run ``await fn(*args)`` on the browser thread; blocks the calling thread until it is done."""
+        return asyncio.run_coroutine_threadsafe(fn(*args), self.loop).result(CALL_TIMEOUT_S)
+
+    async def with_page(self, key: int, action: Any) -> Any:
+        """``await action(page)`` on environment ``key``'s page (a new or re-used one if it has none)."""
+        self._holders.add(key)
+        self._busy.add(key)
+        self._last_call = self.loop.time()
+        self._schedule_stop()
+        try:
+            async with self._lock:  # one launch, and no page handed out twice
+                page = await self._page_for(key)
+            return await action(page)
+        finally:
+            self._busy.discard(key)
+            self._last_call = self.loop.time()
+
+    async def _page_for(self, key: int) -> Any:
+        if key in self._pages:
+            self._pages[key] = self._pages.pop(key)  # the dict's order is the order of use
+            return self._pages[key]
+        if self._context is None:
+            await self._launch()
+        if self._idle:
+            page, blanking = self._idle.pop()
+            await blanking  # or it could land after the new owner's navigation
+        elif len(self._pages) >= MAX_PAGES and set(self._pages) - self._busy:
+            # the least recently used page of an environment not in a call: that one re-opens its URL later
+            owner = next(k for k in self._pages if k not in self._busy)
+            page = self._pages.pop(owner)
+        else:
+            page = await self._context.new_page()
+            page.set_default_navigation_timeout(NAV_TIMEOUT_MS)
+            page.set_default_timeout(ACTION_TIMEOUT_MS)
+            page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
+        self._pages[key] = page
+        return page
+
+    async def _launch(self) -> None:
+        try:
+            from playwright.async_api import async_playwright
+        except ImportError:
+            raise RuntimeError("the web environment needs Playwright: pip install playwright==1.65.2") from None
+        executable = shutil.which("chromium") or shutil.which("chromium-browser")
+        if executable is None:
+            raise RuntimeError(f"the web environment needs Chromium, which is not installed: {INSTALL_HINT}")
+        playwright = await async_playwright().start()
+        try:
+            browser = await playwright.chromium.launch(executable_path=executable, args=list(CHROMIUM_FLAGS),
+                                                       headless=True, timeout=NAV_TIMEOUT_MS * 2)
+            self._context = await browser.new_context()
+        except BaseException:
+            await playwright.stop()
+            raise
+        self._playwright = playwright
+        self.starts += 1
+
+    def release(self, key: int) -> None:
+        """Environment ``key`` is done (closed or collected): its page goes back to the pool. Thread-safe."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._release, key)
+
+    def _release(self, key: int) -> None:
+        self._holders.discard(key)
+        page = self._pages.pop(key, None)
+        if page is not None:  # a page left on a site keeps its renderer busy
+            self._idle.append((page, asyncio.ensure_future(_blank(page))))
+        self._schedule_stop()
+
+    def _schedule_stop(self) -> None:
+        if self._stopper is not None:
+            self._stopper.cancel()
+        delay = GRACE_S if not self._holders else IDLE_S
+        self._stopper = self.loop.call_later(delay, lambda: asyncio.ensure_future(self._stop_if_unused()))
+
+    async def _stop_if_unused(self) -> None:
+        idle_for = self.loop.time() - self._last_call
+        if self._busy or (self._holders and idle_for < IDLE_S):
+            return
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Close the browser and Playwright's driver (environments get a new one on their next call)."""
+        async with self._lock:
+            context, playwright = self._context, self._playwright
+            self._context = self._playwright = None
+            self._pages.clear()
+            self._idle.clear()
+            if context is not None:
+                await context.browser.close()
+                await playwright.stop()
+
+    def running(self) -> bool:
+        return self._context is not None
+
+
+async def _blank(page: Any) -> None:
+    try:
+        await page.goto("about:blank")
+    except Exception:  # the browser stopped meanwhile: the page is gone with it
+        pass
+
+
+_host: BrowserHost | None = None
+_host_lock = threading.Lock()
+
+
+def browser_host() -> BrowserHost:
+    """This process's :class:`BrowserHost` (a forked child makes its own)."""
+    global _host
+    with _host_lock:
+        if _host is None or _host.pid != os.getpid():
+            _host = BrowserHost()
+        return _host
+
+
+def shutdown_browser() -> None:
+    """Close this process's browser now, if one runs (also called at exit)."""
+    host = _host
+    if host is not None and host.pid == os.getpid() and host.thread.is_alive():
+        host.call(host.stop)
+
+
+atexit.register(shutdown_browser)
+
+
+def score_order(items: list[dict], goal: dict) -> float:
+    """WebShop-style match of an order to the goal, 0-1: for each item, the share of the goal's checks it
+    passes (each attribute, each option chosen, the price limit), 0 for the wrong kind of product; the order's
+    score is the mean over its items, so buying extras costs reward.
+
+    Example:
+        >>> goal = {"category": "shirt", "attrs": {"colour": "red"}, "options": {"size": "m"}, "max_price": 30}
+        >>> item = {"category": "shirt", "attrs": {"colour": "red"}, "options": {"size": "s"}, "price": 24}
+        >>> score_order([item], goal)
+        0.6666666666666666
+    """
+    if not items:
+        return 0.0
+    total = 0.0
+    for item in items:
+        if item["category"] != goal["category"]:
+            continue
+        checks = [item["attrs"].get(k) == v for k, v in goal["attrs"].items()]
+        checks += [item["options"].get(k) == v for k, v in goal["options"].items()]
+        if goal["max_price"] is not None:
+            checks.append(item["price"] < goal["max_price"])
+        total += sum(checks) / len(checks) if checks else 1.0
+    return total / len(items)
+
+
+class WebShopEnv(ToolEnvironment):
+    """Buy what the instruction asks for in a generated web shop, through a real headless Chromium.
+
+    Args:
+        products: products in each task's shop (the wanted one and near misses).
+        attributes: 1 (colour) or 2 (colour and material) name the product in its title.
+        options: 0-2 options chosen on the product page (size, then fit).
+        price_limit: the instruction sets a price limit ("under 40 dollars") and some near misses break it.
+        page_size: search results per page (more results are on Next pages).
+        cart: buy through "Add to cart" and the cart's Checkout; otherwise a Buy button on the product page.
+        phrasing: "varied" (four instruction templates) or "plain" (one).
+        tools: the tools offered, a subset of ("search", "click", "back", "read") with search and click.
+    """
+
+    name = "web"
+    version = "web-v1"
+    system_prompt = "Shop on the website: search, click ids to choose the product and options, then buy."
+    split_sizes = {"train": 100_000, "test": 50}  # every test episode is a real browser session (~1 s each)
+    blocking = True  # calls wait on Chromium: the rollout engine runs them in worker threads
+
+    def __init__(self, products: int = 12, attributes: int = 2, options: int = 2, price_limit: bool = True,
+                 page_size: int = 4, cart: bool = True, phrasing: str = "varied",
+                 tools: tuple[str, ...] = TOOLS) -> None:
+        tools = tuple(tools)  # configs may pass a list
+        if not 1 <= attributes <= len(ATTRIBUTES):
+            raise ValueError(f"attributes must be 1..{len(ATTRIBUTES)}, got {attributes}")
+        if not 0 <= options <= len(OPTIONS):
+            raise ValueError(f"options must be 0..{len(OPTIONS)}, got {options}")
+        if not 2 <= products <= 40:
+            raise ValueError(f"products must be 2..40, got {products}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if phrasing not in ("varied", "plain"):
+            raise ValueError(f"phrasing must be 'varied' or 'plain', got {phrasing!r}")
+        if not {"search", "click"} <= set(tools) <= set(TOOLS):
+            raise ValueError(f"tools must include search and click, within {TOOLS}, got {tools}")
+        tools = tuple(name for name in TOOLS if name in tools)  # one spelling per set, for the version
+        extra = [Tool(function_schema(getattr(self, name), name), getattr(self, name))
+                 for name in TOOLS if name in tools and name not in ("search", "click")]
+        super().__init__(tools=extra)
+        self.products, self.attributes, self.options, self.price_limit = products, attributes, options, price_limit
+        self.page_size, self.cart, self.phrasing = page_size, cart, phrasing
+        kwargs = {"products": products, "attributes": attributes, "options": options, "price_limit": price_limit,
+                  "page_size": page_size, "cart": cart, "phrasing": phrasing, "tools": tools}
+        shown = ",".join(f"{k}={'+'.join(v) if k == 'tools' else v}" for k, v in kwargs.items())
+        self.task_version = self.version if kwargs == DEFAULTS else f"{self.version}({shown})"
+        self.key = next(_env_keys)
+        self.site: ShopSite | None = None
+        self.sid = ""
+        self.history: list[str] = []  # URLs visited, the current page last
+        self._cleanup: weakref.finalize | None = None
+
+    # --- episode side -------------------------------------------------------------------------
+    def reset(self, task: Task) -> list[Message]:
+        messages = super().reset(task)
+        if self.site is None:
+            self.site = ShopSite()
+            # Environments the rollout engine drops without close() still give their page back.
+            self._cleanup = weakref.finalize(self, _cleanup, self.site, self.key)
+        elif self.sid:
+            self.site.forget(self.sid)
+        self.sid = self.site.open(task.data["shop"])
+        self.history = [self.site.home(self.sid)]
+        return messages
+
+    def close(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup()  # stops the site, gives the page back
+        self.site, self._cleanup, self.task, self.sid = None, None, None, ""
+
+    @tool
+    def search(self, query: str) -> str:
+        """Search the shop for products; shows the first page of results.
+
+        Args:
+            query: words to look for, e.g. "shirt".
+        """
+        if not query.strip():
+            raise ToolError("the query is empty")
+        if len(query) > MAX_QUERY_CHARS:
+            raise ToolError(f"the query is longer than {MAX_QUERY_CHARS} characters")
+
+        async def act(page: Any) -> None:
+            if page.url != self.site.home(self.sid):
+                await page.goto(self.site.home(self.sid))
+            await page.fill("input[name=q]", query)
+            await page.click("form button[type=submit]")
+
+        return self._browse(act)
+
+    @tool
+    def click(self, id: int) -> str:
+        """Click an element of the page by its id, e.g. a product link, an option or a button.
+
+        Args:
+            id: the number in brackets before the element, e.g. 3 for [3].
+        """
+        async def act(page: Any) -> None:
+            from playwright.async_api import TimeoutError as ClickTimeout
+
+            target = page.locator(f'[data-eid="{id}"]')
+            if await target.count() == 0:
+                raise ToolError(f"no element [{id}] on this page")
+            try:
+                await target.first.click()
+            except ClickTimeout:  # covered, disabled or moving: the model's mistake, not the browser's
+                raise ToolError(f"element [{id}] cannot be clicked") from None
+
+        return self._browse(act)
+
+    def back(self) -> str:
+        """Go back to the previous page."""
+        if len(self.history) < 2:
+            raise ToolError("there is no previous page")
+        self.history.pop()
+
+        async def act(page: Any) -> None:
+            pass  # _browse opens the (now) current URL
+
+        return self._browse(act)
+
+    def read(self) -> str:
+        """Show the current page again."""
+        return self._browse(None)
+
+    def _browse(self, act: Any) -> str:
+        """Open the current URL (if the page is not on it), run ``act``, then record and render the page."""
+        async def run(page: Any) -> tuple[str, str]:
+            if page.url != self.history[-1]:
+                await page.goto(self.history[-1])
+            if act is not None:
+                await act(page)
+                await page.wait_for_load_state("load")
+            return page.url, await page.evaluate(RENDER_JS)
+
+        host = browser_host()
+        url, text = host.call(host.with_page, self.key, run)
+        if url != self.history[-1]:
+            self.history.append(url)
+        orders = self.site.orders(self.sid)
+        if orders:
+            reward = score_order(orders[0], self.task.data["goal"])
+            self.finish(reward=reward, success=reward == 1.0)
+        return text
+
+    # --- task side ----------------------------------------------------------------------------
+    def make_task(self, rng: random.Random, split: str, index: int) -> Task:
+        for _ in range(MAX_DRAWS):
+            goal = {"category": rng.choice(CATEGORIES),
+                    "attrs": {name: rng.choice(values) for name, values in ATTRIBUTES[:self.attributes]},
+                    "options": {name: rng.choice(values) for name, values in OPTIONS[:self.options]},
+                    "max_price": rng.choice(LIMITS) if self.price_limit else None}
+            prompt = self._prompt(goal, rng)
+            # The split is decided by what is asked (the wording aside), so a test request never reaches
+            # training phrased another way.
+            if in_test_split(self._request(goal)) == (split == "test"):
+                break
+        else:  # pragma: no cover - 8 categories x 8 colours x 4 sizes is already 256 requests
+            raise ValueError(f"{self.task_version}: cannot fill the {split!r} split")
+        shop = self._shop(goal, rng)
+        return Task(env=self.name, split=split, index=index, prompt=prompt, data={"goal": goal, "shop": shop},
+                    version=self.task_version)
+
+    def _request(self, goal: dict) -> str:
+        item = " ".join([*goal["attrs"].values(), goal["category"]])
+        if "size" in goal["options"]:
+            item += f" in size {goal['options']['size']}"
+        if "fit" in goal["options"]:
+            item += f" with a {goal['options']['fit']} fit"
+        if goal["max_price"] is not None:
+            item += f" under {goal['max_price']} dollars"
+        return item
+
+    def _prompt(self, goal: dict, rng: random.Random) -> str:
+        template = rng.choice(TEMPLATES) if self.phrasing == "varied" else TEMPLATES[0]
+        return template.format(item=self._request(goal))
+
+    def _shop(self, goal: dict, rng: random.Random) -> dict:
+        """The wanted product and near misses, each wrong in one thing, plus products of other kinds."""
+        def product(category: str, attrs: dict, price: int, wanted: dict) -> dict:
+            options = {}
+            for name, values in OPTIONS[:self.options]:
+                offered = set(rng.sample(values, len(values) - 1))
+                offered.add(wanted.get(name, rng.choice(values)))
+                options[name] = [v for v in values if v in offered]
+            return {"category": category, "attrs": attrs, "price": price, "options": options}
+
+        limit = goal["max_price"]
+        cheap = (lambda: rng.randint(max(5, limit - 15), limit - 1)) if limit else (lambda: rng.randint(10, 60))
+        wanted = product(goal["category"], dict(goal["attrs"]), cheap(), goal["options"])
+        same = self.products - 1 - (self.products - 1) // 3  # near misses of the same kind: shown by its search
+        faults = ["colour", "material"][: self.attributes] + (["price"] if limit else [])
+        used: dict[str, set] = {"colour": {goal["attrs"]["colour"]}, "material": {goal["attrs"].get("material")}}
+        catalogue = [wanted]
+        for i in range(self.products - 1):
+            attrs = dict(goal["attrs"])
+            if i < same:
+                fault, category, price = faults[i % len(faults)], goal["category"], cheap()
+                if fault == "price":
+                    price = rng.randint(limit, limit + 20)
+                else:
+                    pool = COLOURS if fault == "colour" else MATERIALS
+                    fresh = [v for v in pool if v not in used[fault]] or [v for v in pool if v != attrs[fault]]
+                    attrs[fault] = rng.choice(fresh)
+                    used[fault].add(attrs[fault])
+            else:
+                category = rng.choice([c for c in CATEGORIES if c != goal["category"]])
+                attrs = {name: rng.choice(values) for name, values in ATTRIBUTES[:self.attributes]}
+                price = cheap() if rng.random() < 0.5 else rng.randint(10, 99)
+            catalogue.append(product(category, attrs, price, {}))
+        rng.shuffle(catalogue)
+        return self._with_ids(catalogue, rng)
+
+    def _with_ids(self, catalogue: list[dict], rng: random.Random) -> dict:
+        """Product numbers and element ids: random, distinct, one token each (integers 1-999)."""
+        needed = 5 + sum(2 + sum(len(v) for v in p["options"].values()) for p in catalogue)
+        eids = iter(rng.sample(range(1, 100 if needed < 60 else 1000), needed))
+        for pid, item in enumerate(catalogue, 1):
+            item["pid"] = pid
+            item["title"] = " ".join([*item["attrs"].values(), item["category"]])
+            item["eid"], item["buy_eid"] = next(eids), next(eids)
+            item["option_eids"] = {name: {v: next(eids) for v in values} for name, values in item["options"].items()}
+        return {"products": catalogue, "page_size": self.page_size, "cart": self.cart,
+                "eids": {name: next(eids) for name in ("query", "go", "next", "prev", "checkout")}}
+
+    def oracle(self, task: Task) -> list[ToolCall]:
+        goal, shop = task.data["goal"], task.data["shop"]
+        found = search_products(shop["products"], goal["category"])
+        target = next(p for p in found if score_order([{**p, "options": goal["options"]}], goal) == 1.0)
+        calls = [ToolCall("search", {"query": goal["category"]})]
+        calls += [ToolCall("click", {"id": shop["eids"]["next"]})] * (found.index(target) // shop["page_size"])
+        calls.append(ToolCall("click", {"id": target["eid"]}))
+        calls += [ToolCall("click", {"id": target["option_eids"][k][v]}) for k, v in goal["options"].items()]
+        calls.append(ToolCall("click", {"id": target["buy_eid"]}))
+        if shop["cart"]:
+            calls.append(ToolCall("click", {"id": shop["eids"]["checkout"]}))
+        return calls
+
+
+_env_keys = itertools.count(1)
+
+
+def _cleanup(site: ShopSite, key: int) -> None:
+    site.close()
+    host = _host
+    if host is not None and host.pid == os.getpid():
+        host.release(key)
