@@ -285,7 +285,8 @@ def _steps(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, pef
                                      recipe.algo, rcfg.temperature, tokenizer.pad_token_id)
         # 5. sync: the new adapter version is what the next groups sample from
         t_sync = sync_policy(policy, peft_model, accelerator, output, step + 1, run=engine.run)
-        if asynchronous:  # admit the next groups now; synchronous runs wait until the step is saved
+        more = step + 1 < cfg.steps  # after the last step nothing new is admitted
+        if asynchronous and more:  # admit the next groups now; synchronous runs wait until the step is saved
             engine.publish(step + 1)
         metrics = {**rollout_metrics(records), **adv_stats, **update_stats, **staleness_metrics(batch, accelerator),
                    "time/sync": t_sync, "time/rollout": t1 - t0, "time/update": time.time() - t1,
@@ -308,9 +309,9 @@ def _steps(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, pef
             logger.log(step + 1, metrics)
         bar.set_postfix({k.split("/")[1][:5]: f"{v:.2f}" for k, v in metrics.items()
                          if k.startswith("rollout/") and k.endswith("/success")})
-        if not asynchronous:
+        if not asynchronous and more:
             engine.publish(step + 1)
-    engine.stop()  # groups admitted for steps beyond the last are not needed
+    engine.stop()  # groups admitted for steps beyond the last (asynchronous runs) are not needed
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         peft_model.save_pretrained(output / "adapter")
