@@ -34,6 +34,11 @@ the final save and logging outside the steps are excluded; the process wall time
 printed as well. Trajectories per second = trajectories / training-phase seconds. Reward "at an equal number of
 samples" is the mean rollout reward per step at the same step counts (so the same number of trajectories seen).
 
+The sides alternate for ``--rounds`` rounds and the table shows medians. A run during which other processes took
+more than ``--max-other-cores`` of CPU (measured from /proc/stat) is marked and left out of the medians: with as
+many OpenMP threads as cores, a fraction of a core taken by another job stalls every thread, and the two trainers
+do not slow down alike.
+
 The figures, their conditions and what dominates them: docs/benchmarks.md.
 
 Usage:
@@ -41,6 +46,7 @@ Usage:
     .venv/bin/python bench/trl_compare.py     # 3 rounds x 10 steps x 64 trajectories a side, ~11 min on 2 cores
     .venv/bin/python bench/trl_compare.py --rounds 1 --steps 20 --threads 2 --output runs/bench/trl_compare
     .venv/bin/python bench/trl_compare.py --agentrl_args "--rollout.max_batch=32"   # agentrl-only overrides
+    .venv/bin/python bench/trl_compare.py --report runs/bench/trl_compare/results.json  # the table again
 """
 
 from __future__ import annotations
@@ -483,6 +489,8 @@ def _median(values: list[Any]) -> Any:
 def trl_turn_line(run: dict[str, Any]) -> str:
     """trl's batched generate calls by turn (1 = the first assistant turn), averaged over steps 2-N."""
     by_turn: dict[int, list[dict[str, Any]]] = {}
+    if not run.get("generate_calls"):
+        return "trl generate calls: not recorded"
     steps = sorted({c["step"] for c in run["generate_calls"]})
     for step in steps[1:] or steps:
         for turn, call in enumerate((c for c in run["generate_calls"] if c["step"] == step), start=1):
@@ -490,14 +498,21 @@ def trl_turn_line(run: dict[str, Any]) -> str:
     parts = [f"turn {turn}: {_mean([c['rows'] for c in calls]):.0f} rows, {_mean([c['seconds'] for c in calls]):.2f} s,"
              f" longest {_mean([c['new_tokens_max'] for c in calls]):.0f} tokens"
              for turn, calls in sorted(by_turn.items())]
-    return "trl generate calls per step (mean over steps 2-N; first round):\n  " + "\n  ".join(parts)
+    return "trl generate calls per step (mean over steps 2-N; first undisturbed run):\n  " + "\n  ".join(parts)
 
 
-def report(results: dict[str, Any], last: int) -> str:
-    """The comparison table (medians over rounds) and the reward per step; stores the summaries in ``results``."""
+def report(results: dict[str, Any], last: int, max_other: float = 0.1) -> str:
+    """The comparison table and the reward per step; stores the summaries in ``results``.
+
+    Figures are medians over the runs during which other processes used at most ``max_other`` cores (all runs
+    when none qualifies, with a warning): with as many OpenMP threads as cores, a process that takes part of a
+    core stalls every thread, and the two trainers do not suffer from it equally.
+    """
     sides = [s for s in ("agentrl", "trl") if results["runs"].get(s)]
     per_run = {s: [summarize(run, last) for run in results["runs"][s]] for s in sides}
-    summary = {s: {k: _median([r[k] for r in per_run[s]]) for k in per_run[s][0]} for s in sides}
+    disturbed = {s: [(r["other_processes_cores"] or 0.0) > max_other for r in per_run[s]] for s in sides}
+    used = {s: [r for r, bad in zip(per_run[s], disturbed[s]) if not bad] or per_run[s] for s in sides}
+    summary = {s: {k: _median([r[k] for r in used[s]]) for k in used[s][0]} for s in sides}
     n = len(results["runs"][sides[0]][0]["steps"])
     rows = [("trajectories", "{:.0f}", "trajectories"),
             ("training phase, s", "{:.1f}", "train_s"),
@@ -523,16 +538,19 @@ def report(results: dict[str, Any], last: int) -> str:
         if both and key.startswith("trajectories_per_s") and values[1]:
             ratio = f"{values[0] / values[1]:>12.2f}x"
         lines.append(f"{label:34}{cells}{ratio}")
-    rounds = len(per_run[sides[0]])
-    if rounds > 1:
-        lines.insert(0, f"medians over {rounds} rounds; trajectories / s per round (other processes' CPU, cores):")
-        for i, s in enumerate(sides, start=1):
-            cells = ", ".join(f"{r['trajectories_per_s']:.2f} ({r['other_processes_cores'] or 0:.2f})"
-                              for r in per_run[s])
-            lines.insert(i, f"  {s:8} {cells}")
+    head = [f"trajectories / s per run (other processes' CPU, cores); * = disturbed (> {max_other} cores), "
+            "left out of the medians below:"]
+    for s in sides:
+        head.append(f"  {s:8} " + ", ".join(f"{r['trajectories_per_s']:.2f} ({r['other_processes_cores'] or 0:.2f})"
+                                             + ("*" if bad else "") for r, bad in zip(per_run[s], disturbed[s])))
+        if all(disturbed[s]):
+            head.append(f"  WARNING: every {s} run was disturbed; its figures below are not reliable")
+    lines = head + lines
     if "trl" in sides:
-        lines += ["", trl_turn_line(results["runs"]["trl"][0])]
-    lines += ["", "reward per step (mean over the step's 64 trajectories; first round):",
+        first_clean = next((run for run, bad in zip(results["runs"]["trl"], disturbed["trl"]) if not bad),
+                           results["runs"]["trl"][0])
+        lines += ["", trl_turn_line(first_clean)]
+    lines += ["", "reward per step (mean over the step's 64 trajectories; first run of each):",
               "step " + "".join(f"{s:>10}" for s in sides)]
     for i in range(n):
         lines.append(f"{i + 1:>4} " + "".join(f"{results['runs'][s][0]['steps'][i]['reward']:>10.3f}" for s in sides))
@@ -557,8 +575,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--last", type=int, default=3, help="steps averaged for the final reward")
     parser.add_argument("--only", choices=("both", "agentrl", "trl"), default="both")
     parser.add_argument("--agentrl_args", default="", help="extra agentrl recipe overrides (agentrl side only)")
+    parser.add_argument("--max-other-cores", type=float, default=0.1,
+                        help="runs during which other processes used more CPU than this are left out of the medians")
+    parser.add_argument("--report", type=Path, help="print the table of a results.json written earlier, run nothing")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:
+        results = json.loads(args.report.read_text())
+        print(f"{results['date']}, {results['cpus']} CPUs, OMP_NUM_THREADS={results['threads']}, "
+              f"load average at start {results['loadavg_at_start'][0]:.2f}")
+        print(report(results, args.last, args.max_other_cores))
+        return
     args.model = args.model.resolve()
     if not (args.model / "config.json").exists():
         raise SystemExit(f"no model at {args.model}: run `bash launch/quickstart.sh` first (it builds "
@@ -581,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
             results["runs"]["agentrl"].append(run_agentrl(args, out, suffix))
         if args.only in ("both", "trl"):
             results["runs"]["trl"].append(run_trl(args, out, suffix))
-    table = report(results, args.last)
+    table = report(results, args.last, args.max_other_cores)
     print(f"\n{results['date']}, {results['cpus']} CPUs, OMP_NUM_THREADS={args.threads}, "
           f"load average at start {results['loadavg_at_start'][0]:.2f}")
     print(table)

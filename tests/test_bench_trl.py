@@ -86,3 +86,26 @@ def test_reserved_tool_names_are_refused():
                                              "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(ValueError, match="reset"):
         trl_environment_class([spec])
+
+
+def _run(seconds_per_step: float, other_cores: float, steps: int = 4) -> dict:
+    return {"steps": [{"step": i + 1, "time": seconds_per_step, "rollout_time": seconds_per_step / 2,
+                       "trajectories": 64, "reward": 0.5} for i in range(steps)],
+            "process_wall_s": seconds_per_step * steps + 10, "other_processes_cores": other_cores}
+
+
+def test_report_leaves_disturbed_runs_out_of_the_medians():
+    from bench.trl_compare import report
+
+    results = {"runs": {"agentrl": [_run(8.0, 0.01), _run(20.0, 0.9), _run(10.0, 0.02)],
+                        "trl": [_run(16.0, 0.0), _run(80.0, 1.0), _run(16.0, 0.5)]}}
+    text = report(results, last=2, max_other=0.1)
+    assert "20.0" not in text and "(0.90)*" in text and "(0.50)*" in text
+    assert results["summary"]["agentrl"]["trajectories_per_s"] == pytest.approx((8.0 + 6.4) / 2)  # 64/8, 64/10
+    assert results["summary"]["trl"]["trajectories_per_s"] == pytest.approx(4.0)
+    assert results["summary"]["ratio_trajectories_per_s"] == pytest.approx(7.2 / 4.0)
+    assert "WARNING" not in text
+
+    all_bad = {"runs": {"agentrl": [_run(8.0, 0.5)], "trl": [_run(16.0, 0.5)]}}
+    assert "WARNING: every agentrl run was disturbed" in report(all_bad, last=2, max_other=0.1)
+    assert all_bad["summary"]["ratio_trajectories_per_s"] == pytest.approx(2.0)
