@@ -6,8 +6,6 @@ import functools
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from agentrl.envs import make_env
-from agentrl.envs.client import RemoteEnvironment
 from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
 from agentrl.model import build_tiny_model
@@ -24,6 +21,7 @@ from agentrl.rollout.chat import ChatFormat
 from agentrl.rollout.traces import oracle_conversation
 from agentrl.types import ToolCall
 from environments.db import CITIES, DEPTS, EASY, KINDS, MAX_ROWS, NAMES, SCHEMA, DBEnv
+from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [{}, EASY]
@@ -109,12 +107,7 @@ def test_tasks_are_deterministic_varied_and_balanced():
 
 
 def test_tasks_identical_across_processes():
-    code = ("import json; from environments.db import DBEnv, EASY; "
-            "print(json.dumps([t.data for e in (DBEnv(), DBEnv(**EASY)) for t in e.tasks('test', 20)]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
-    here = [t.data for e in (DBEnv(), DBEnv(**EASY)) for t in e.tasks("test", 20)]
-    assert json.loads(out) == json.loads(json.dumps(here))
+    assert_tasks_identical_across_processes("environments.db:DBEnv", SETTINGS, 20)
 
 
 def test_train_and_test_do_not_share_tasks():
@@ -313,20 +306,9 @@ def test_read_only_pragmas_and_exploration_tools():
 def test_oracle_episodes_through_remote_env_match_in_process(kwargs):
     service = EnvService(env_factories([("environments.db:DBEnv", kwargs)]), threads=4)
     with serve_in_thread(service) as url:
-        remote, local = RemoteEnvironment(url, "db"), DBEnv(**kwargs)
-        assert remote.task_version == local.task_version and remote.tools() == local.tools()
-        assert remote.tasks("test", 5) == local.tasks("test", 5)
-        for task in local.tasks("test", 5):
-            assert remote.oracle(task) == local.oracle(task)
-            assert oracle_conversation(remote.clone(), task) == oracle_conversation(DBEnv(**kwargs), task)
-            remote_env, local_env = remote.clone(), DBEnv(**kwargs)
-            assert remote_env.reset(task) == local_env.reset(task)
-            calls = [ToolCall("nosuch", {}), query("ATTACH 'x.db' AS x"), query("SELECT * FROM people"),
-                     *local.oracle(task), ToolCall("answer", {"value": "1"})]
-            for call in calls:
-                assert remote_env.step(call) == local_env.step(call), call
-            remote_env.close()
-            local_env.close()
+        assert_served_like_in_process(url, "db", lambda: DBEnv(**kwargs), DBEnv(**kwargs).tasks("test", 5),
+                                      [ToolCall("nosuch", {}), query("ATTACH 'x.db' AS x"),
+                                       query("SELECT * FROM people")], [ToolCall("answer", {"value": "1"})])
 
 
 def test_make_env_builds_it_by_path():

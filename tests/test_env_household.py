@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agentrl.envs import make_env
-from agentrl.envs.client import RemoteEnvironment
 from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
 from agentrl.rollout.chat import ChatFormat
 from agentrl.rollout.traces import oracle_conversation
 from agentrl.types import Task, ToolCall
 from environments.household import KINDS, HouseholdEnv
+from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 PATH = "environments.household:HouseholdEnv"
@@ -101,13 +98,7 @@ def test_tasks_are_deterministic_and_varied():
 
 
 def test_tasks_identical_across_processes():
-    # A different PYTHONHASHSEED catches any dependence on salted hash() or set order.
-    code = ("import json; from environments.household import HouseholdEnv as H; "
-            f"print(json.dumps([t.data for e in (H(), H(**{EASY!r})) for t in e.tasks('test', 30)]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
-    here = [t.data for e in (HouseholdEnv(), HouseholdEnv(**EASY)) for t in e.tasks("test", 30)]
-    assert json.loads(out) == json.loads(json.dumps(here))
+    assert_tasks_identical_across_processes("environments.household:HouseholdEnv", [{}, EASY], 30)
 
 
 @pytest.mark.parametrize("kwargs", [{}, EASY], ids=["defaults", "easy"])
@@ -264,14 +255,5 @@ def url():
 
 
 def test_oracle_episodes_through_remote_env_match_in_process(url):
-    remote, local = RemoteEnvironment(url, "household"), HouseholdEnv(**EASY)
-    assert remote.tasks("test", 5) == local.tasks("test", 5)
-    for task in local.tasks("test", 5):
-        assert remote.oracle(task) == local.oracle(task)
-        assert oracle_conversation(remote.clone(), task) == oracle_conversation(HouseholdEnv(**EASY), task)
-        remote_env, local_env = remote.clone(), HouseholdEnv(**EASY)
-        assert remote_env.reset(task) == local_env.reset(task)
-        calls = [call("nosuch"), call("take", bogus=[1, {"a": None}]), *local.oracle(task), call("put")]
-        for c in calls:
-            assert remote_env.step(c) == local_env.step(c), c
-        remote_env.close()
+    assert_served_like_in_process(url, "household", lambda: HouseholdEnv(**EASY), HouseholdEnv(**EASY).tasks("test", 5),
+                                  [call("nosuch"), call("take", bogus=[1, {"a": None}])], [call("put")])

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from agentrl.envs import make_env
-from agentrl.envs.client import RemoteEnvironment
 from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
 from agentrl.model import build_tiny_model
@@ -23,6 +19,7 @@ from agentrl.rollout.chat import ChatFormat
 from agentrl.rollout.traces import oracle_conversation
 from agentrl.types import ToolCall
 from environments.kg import EASY, FUNCTIONAL, INVERSE, KINDS, MAX_VARIABLES, MULTI, VOCAB, KGEnv
+from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [{}, EASY]
@@ -130,12 +127,7 @@ def test_tasks_are_deterministic_varied_and_balanced():
 
 
 def test_tasks_identical_across_processes():
-    code = ("import json; from environments.kg import KGEnv, EASY; "
-            "print(json.dumps([t.data for e in (KGEnv(), KGEnv(**EASY)) for t in e.tasks('test', 20)]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
-    here = [t.data for e in (KGEnv(), KGEnv(**EASY)) for t in e.tasks("test", 20)]
-    assert json.loads(out) == json.loads(json.dumps(here))
+    assert_tasks_identical_across_processes("environments.kg:KGEnv", SETTINGS, 20)
 
 
 def test_train_and_test_do_not_share_tasks():
@@ -267,19 +259,9 @@ def test_variables_are_capped():
 def test_oracle_episodes_through_remote_env_match_in_process(kwargs):
     service = EnvService(env_factories([("environments.kg:KGEnv", kwargs)]), threads=4)
     with serve_in_thread(service) as url:
-        remote, local = RemoteEnvironment(url, "kg"), KGEnv(**kwargs)
-        assert remote.task_version == local.task_version and remote.tools() == local.tools()
-        assert remote.tasks("test", 5) == local.tasks("test", 5)
-        for task in local.tasks("test", 5):
-            assert remote.oracle(task) == local.oracle(task)
-            assert oracle_conversation(remote.clone(), task) == oracle_conversation(KGEnv(**kwargs), task)
-            remote_env, local_env = remote.clone(), KGEnv(**kwargs)
-            assert remote_env.reset(task) == local_env.reset(task)
-            calls = [ToolCall("nosuch", {}), neighbors("Nobody", "friend"), ToolCall("count", {"variable": "#3"}),
-                     *local.oracle(task), answer("1")]
-            for call in calls:
-                assert remote_env.step(call) == local_env.step(call), call
-            remote_env.close()
+        assert_served_like_in_process(url, "kg", lambda: KGEnv(**kwargs), KGEnv(**kwargs).tasks("test", 5),
+                                      [ToolCall("nosuch", {}), neighbors("Nobody", "friend"),
+                                       ToolCall("count", {"variable": "#3"})], [answer("1")])
 
 
 def test_make_env_builds_it_by_path():

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,15 +14,14 @@ from pathlib import Path
 import pytest
 
 from agentrl.envs.base import TRUNCATION_MARKER
-from agentrl.envs.client import RemoteEnvironment
 from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
-from agentrl.rollout.traces import oracle_conversation
 from agentrl.sandbox import Sandbox, SandboxUnavailable
 from agentrl.types import ToolCall
 from environments.lookup import KEY_WORDS
 from environments.os_shell import (CHANGE_KINDS, DIRS, EASY, KINDS, QUESTION_KINDS, STEMS, WORDS, OSEnv, initial_state,
                                    normalize, read_state)
+from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -312,13 +309,7 @@ def test_tasks_are_deterministic_balanced_and_split(kwargs):
 
 
 def test_tasks_identical_across_processes():
-    # A different PYTHONHASHSEED catches any dependence on salted hash() or set order.
-    code = ("import json; from environments.os_shell import OSEnv, EASY; "
-            "print(json.dumps([t.data for e in (OSEnv(), OSEnv(**EASY)) for t in e.tasks('test', 30)]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
-    here = [t.data for e in (OSEnv(), OSEnv(**EASY)) for t in e.tasks("test", 30)]
-    assert json.loads(out) == json.loads(json.dumps(here))
+    assert_tasks_identical_across_processes("environments.os_shell:OSEnv", [{}, EASY], 30)
 
 
 def test_constructor_kwargs_shape_the_distribution():
@@ -350,17 +341,8 @@ def test_vocabularies_are_disjoint_and_words_substring_free():
 def test_oracle_episodes_through_remote_env_match_in_process():
     service = EnvService(env_factories([("environments.os_shell:OSEnv", {})]), threads=4)
     with serve_in_thread(service) as url:
-        remote, local = RemoteEnvironment(url, "os"), OSEnv()
-        assert remote.tasks("test", 12) == local.tasks("test", 12)
-        for task in (local.task_at("test", 0), local.task_at("test", 7)):  # a question and a change
-            assert remote.oracle(task) == local.oracle(task)
-            assert oracle_conversation(remote.clone(), task) == oracle_conversation(OSEnv(), task)
-            remote_env, local_env = remote.clone(), OSEnv()
-            assert remote_env.reset(task) == local_env.reset(task)
-            calls = [ToolCall("nosuch", {}), ToolCall("bash", {"bogus": [1]}), bash("ls -R | wc -l; cat nope"),
-                     *local.oracle(task), answer("again")]
-            for call in calls:
-                assert remote_env.step(call) == local_env.step(call), call
-            remote_env.close()
-            local_env.close()
-        assert service.sessions == {}
+        local = OSEnv()
+        assert_served_like_in_process(url, "os", OSEnv, (local.task_at("test", 0), local.task_at("test", 7)),
+                                      [ToolCall("nosuch", {}), ToolCall("bash", {"bogus": [1]}),
+                                       bash("ls -R | wc -l; cat nope")], [answer("again")], n_listed=12)
+        assert service.sessions == {}  # a question and a change, each closed

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 from agentrl.envs import make_env
-from agentrl.envs.client import RemoteEnvironment
 from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
 from agentrl.rollout.traces import oracle_conversation
 from agentrl.types import ToolCall
+from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
 
 warnings.filterwarnings("ignore", module="reasoning_gym")  # pool_matrix's numpy warning, on import
 rg_env = pytest.importorskip("environments.reasoning_gym_env")
@@ -105,16 +102,9 @@ def test_tasks_are_deterministic_varied_and_versioned():
 
 
 def test_tasks_identical_across_processes():
-    # A different PYTHONHASHSEED catches generators whose questions follow set order (HASH_DEPENDENT).
-    code = ("import json, warnings; warnings.simplefilter('ignore'); from environments.reasoning_gym_env import "
-            "ReasoningGymEnv as R; print(json.dumps([[t.prompt, t.data] for e in (R(), R(datasets=['leg_counting', "
-            "'spell_backward', 'word_sorting'])) for t in e.tasks('test', 15)]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
-    here = [[t.prompt, t.data] for e in (ReasoningGymEnv(), ReasoningGymEnv(datasets=["leg_counting", "spell_backward",
-                                                                                       "word_sorting"]))
-            for t in e.tasks("test", 15)]
-    assert json.loads(out) == json.loads(json.dumps(here))
+    # another PYTHONHASHSEED catches generators whose questions follow set order (HASH_DEPENDENT)
+    assert_tasks_identical_across_processes("environments.reasoning_gym_env:ReasoningGymEnv",
+                                            [{}, {"datasets": ["leg_counting", "spell_backward", "word_sorting"]}], 15)
 
 
 def test_rewards_are_the_datasets_own_scores():
@@ -238,18 +228,10 @@ def url():
 
 
 def test_oracle_episodes_through_remote_env_match_in_process(url):
-    remote, local = RemoteEnvironment(url, "reasoning_gym"), ReasoningGymEnv(**SUMS)
-    assert remote.tasks("test", 5) == local.tasks("test", 5)
-    for task in local.tasks("test", 5):
-        assert remote.oracle(task) == local.oracle(task)
-        assert oracle_conversation(remote.clone(), task) == oracle_conversation(ReasoningGymEnv(**SUMS), task)
-        remote_env, local_env = remote.clone(), ReasoningGymEnv(**SUMS)
-        assert remote_env.reset(task) == local_env.reset(task)
-        calls = [ToolCall("nosuch", {}), ToolCall("answer", {"bogus": [1, {"a": None}]}),
-                 ToolCall("calculate", {"expression": "1 + 1"}), *local.oracle(task), answer("1")]
-        for c in calls:
-            assert remote_env.step(c) == local_env.step(c), c
-        remote_env.close()
+    assert_served_like_in_process(url, "reasoning_gym", lambda: ReasoningGymEnv(**SUMS),
+                                  ReasoningGymEnv(**SUMS).tasks("test", 5),
+                                  [ToolCall("nosuch", {}), ToolCall("answer", {"bogus": [1, {"a": None}]}),
+                                   ToolCall("calculate", {"expression": "1 + 1"})], [answer("1")])
 
 
 NO_REFERENCE = {"boxnet", "graph_color", "propositional_logic", "rubiks_cube", "rush_hour"}

@@ -12,8 +12,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -23,13 +21,12 @@ from pathlib import Path
 import pytest
 
 import environments.web as web
-from agentrl.envs.client import RemoteEnvironment
 from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
-from agentrl.rollout.traces import oracle_conversation
 from agentrl.types import ToolCall
 from environments.web import EASY, WebShopEnv, browser_host, score_order, shutdown_browser
 from environments.web_shop_site import search_products
+from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [pytest.param({}, id="default"), pytest.param(EASY, id="easy")]
@@ -69,12 +66,7 @@ def test_tasks_are_deterministic_and_varied(kwargs):
 
 
 def test_tasks_identical_across_processes():
-    code = ("import json; from environments.web import WebShopEnv, EASY; "
-            "print(json.dumps([t.data for e in (WebShopEnv(), WebShopEnv(**EASY)) for t in e.tasks('test', 20)]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
-    here = [t.data for e in (WebShopEnv(), WebShopEnv(**EASY)) for t in e.tasks("test", 20)]
-    assert json.loads(out) == here
+    assert_tasks_identical_across_processes("environments.web:WebShopEnv", [{}, EASY], 20)
 
 
 @pytest.mark.parametrize("kwargs", SETTINGS)
@@ -363,22 +355,14 @@ def test_back_and_read_navigate_the_real_history(browser):
 def test_oracle_episodes_through_remote_env_match_in_process(browser, kwargs, n):
     service = EnvService(env_factories([("environments.web:WebShopEnv", kwargs)]))
     with serve_in_thread(service) as url:
-        remote, local = RemoteEnvironment(url, "web"), WebShopEnv(**kwargs)
-        assert remote.tasks("test", 3) == local.tasks("test", 3)
-        for task in local.tasks("test", n):
-            assert remote.oracle(task) == local.oracle(task)
-            if n > 1:  # the slow run: whole conversations, as SFT traces are made
-                assert oracle_conversation(remote.clone(), task) == oracle_conversation(WebShopEnv(**kwargs), task)
-            # step by step, with bad calls before and after the oracle's
-            remote_env, local_env = remote.clone(), WebShopEnv(**kwargs)
-            assert remote_env.reset(task) == local_env.reset(task)
-            calls = [ToolCall("nosuch", {}), click(0), ToolCall("search", {"query": ""}), *local.oracle(task),
-                     click(1)]
-            for c in calls:
-                assert remote_env.step(c) == local_env.step(c), c
+
+        def solved(local_env):
             assert local_env.done and local_env.reward == 1.0
-            remote_env.close()
-            local_env.close()
+
+        # whole conversations (as SFT traces are made) only in the slow run: each is a browser session
+        assert_served_like_in_process(url, "web", lambda: WebShopEnv(**kwargs), WebShopEnv(**kwargs).tasks("test", n),
+                                      [ToolCall("nosuch", {}), click(0), ToolCall("search", {"query": ""})],
+                                      [click(1)], conversations=n > 1, n_listed=3, check=solved)
 
 
 def live_processes() -> dict[int, tuple[int, str]]:

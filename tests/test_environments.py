@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from agentrl.types import ToolCall
 from environments.calculator import CalculatorEnv
 from agentrl.rollout.traces import oracle_conversation
 from environments.lookup import KEY_WORDS, LookupEnv
+from tests.env_checks import assert_tasks_identical_across_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = [CalculatorEnv, LookupEnv]
@@ -48,14 +46,8 @@ def test_tasks_are_deterministic_and_varied(cls):
 
 
 def test_tasks_identical_across_processes():
-    # A different PYTHONHASHSEED catches any dependence on salted hash() or set order.
-    code = ("import json; from environments.calculator import CalculatorEnv as C; from environments.lookup "
-            "import LookupEnv as L; print(json.dumps([t.data for e in (C(max_operand=50), L(max_hops=5)) "
-            "for t in e.tasks('test', 20)]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
-    here = [t.data for e in (CalculatorEnv(max_operand=50), LookupEnv(max_hops=5)) for t in e.tasks("test", 20)]
-    assert json.loads(out) == json.loads(json.dumps(here))
+    assert_tasks_identical_across_processes("calculator", [{"max_operand": 50}], 20)
+    assert_tasks_identical_across_processes("lookup", [{"max_hops": 5}], 20)
 
 
 def test_constructor_kwargs_shape_the_distribution():
