@@ -1,7 +1,8 @@
 """The embedded policy backend: an in-process transformers (+ peft) model, batched across episodes.
 
-Concurrent episodes each ``await generate(...)``; requests that arrive together are left-padded into one
-``model.generate`` call, run in a worker thread so the event loop keeps stepping environments meanwhile.
+Concurrent episodes each ``await generate(...)``; requests that arrive together are sampled as one batch
+(:func:`agentrl.policy.decode.sample`, which computes shared prompt prefixes once), in a worker thread so the
+event loop keeps stepping environments meanwhile.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import threading
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from agentrl.policy.base import Generation, SamplingParams
+from agentrl.policy.decode import sample
 
 
 @dataclass
@@ -32,7 +34,7 @@ class HFPolicy:
             version); in asynchronous training it is a copy that :meth:`set_weights` refreshes.
         eos_id: token id that ends an assistant turn.
         pad_id: padding token id.
-        max_batch: most sequences per ``generate`` call.
+        max_batch: most sequences per batch.
         num_threads: torch intra-op threads for generation (set in the generating thread only; ``None``
             leaves torch's setting). Small models decode faster on one thread, and in asynchronous training
             the other cores are left to the update.
@@ -51,7 +53,7 @@ class HFPolicy:
         self.version = version
         self._pending: list[_Request] = []
         self._worker: asyncio.Task | None = None
-        self.generate_calls = 0  # how many batched model.generate calls ran (for batching stats/tests)
+        self.generate_calls = 0  # how many batched sampling calls ran (for batching stats/tests)
         self._weights_lock = threading.Lock()  # a batch and a weight refresh never overlap
 
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
@@ -119,38 +121,13 @@ class HFPolicy:
         with self._weights_lock:
             return self._generate_locked(prompts, sampling)
 
-    @torch.no_grad()
     def _generate_locked(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
         self.generate_calls += 1
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: generation continues at the right edge
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention[row, width - len(prompt):] = 1
-        greedy = sampling.temperature <= 0
-        config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature, top_k=None, top_p=None,
-            eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-            output_logits=True, return_dict_in_generate=True,
-        )
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  generation_config=config)
-        self.model.train(was_training)
-        new_ids = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, steps, V], raw (unprocessed)
-        if not greedy:
-            logits = logits / sampling.temperature
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)
-        results = []
-        for row in range(len(prompts)):
-            ids = new_ids[row].tolist()
-            finished = self.eos_id in ids
-            length = ids.index(self.eos_id) + 1 if finished else len(ids)
-            results.append(Generation(ids=ids[:length], logprobs=logprobs[row, :length].tolist(),
-                                      version=self.version, finished=finished))
-        return results
+        try:
+            out = sample(self.model, prompts, sampling.max_new_tokens, sampling.temperature, self.eos_id,
+                         self.pad_id)
+        finally:
+            self.model.train(was_training)
+        return [Generation(ids=s.ids, logprobs=s.logprobs, version=self.version, finished=s.finished) for s in out]
