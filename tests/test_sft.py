@@ -46,6 +46,10 @@ def test_a_finished_sft_model_is_reused_only_for_its_own_settings(tmp_path):
     changed = {**settings, "sft": {"lr": 0.005, "epochs": 3}}
     with pytest.raises(RuntimeError, match=r"other settings \(sft.lr: 0.003 -> 0.005\)"):
         check_same_settings(tmp_path, changed)
+    # a key added to SFTConfig later: absent from the record means that run used its default
+    check_same_settings(tmp_path, {**settings, "sft": {**settings["sft"], "stop_at_accuracy": 0.0}})
+    with pytest.raises(RuntimeError, match=r"sft.stop_at_accuracy: 0.0 -> 0.5"):
+        check_same_settings(tmp_path, {**settings, "sft": {**settings["sft"], "stop_at_accuracy": 0.5}})
     (tmp_path / DONE_MARKER).write_text(json.dumps({"steps": 10}))  # written by an older agentrl
     with pytest.raises(RuntimeError, match="no record of its settings"):
         check_same_settings(tmp_path, settings)

@@ -126,6 +126,8 @@ def check_same_settings(output_dir: Path, settings: dict) -> None:
     """A finished SFT model is reused only for the settings it was trained with; otherwise say what differs."""
     saved = json.loads((output_dir / DONE_MARKER).read_text()).get("settings")
     now = json.loads(json.dumps(settings))  # tuples become lists, as in the saved copy
+    if saved is not None:  # a key added to SFTConfig since a run: that run did what its default does
+        saved, now = _with_sft_defaults(saved), _with_sft_defaults(now)
     if saved == now:
         return
     if saved is None:
@@ -137,6 +139,11 @@ def check_same_settings(output_dir: Path, settings: dict) -> None:
                                 if flat_saved.get(key) != flat_now.get(key))
     raise RuntimeError(f"{output_dir} holds an SFT model trained with other settings ({differences}). "
                        "Delete it, or pick another train.output_dir.")
+
+
+def _with_sft_defaults(settings: dict) -> dict:
+    defaults = json.loads(json.dumps(dataclasses.asdict(SFTConfig())))
+    return {**settings, "sft": {**defaults, **settings.get("sft", {})}}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
