@@ -1,4 +1,5 @@
-"""The lean sampler against transformers' own generate and a full forward pass."""
+"""Shared prompt prefixes computed once: the lean sampler against transformers' generate and a full forward
+pass, and the training forward (log-probs and gradients) against the plain one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from agentrl.policy.decode import draw, prefix_clusters, sample
+from agentrl.train.batch import SequenceBatch
+from agentrl.train.prefix import sequence_logprobs, shared_start
 
 VOCAB, PAD = 300, 0
 
@@ -108,3 +111,49 @@ def test_draw_follows_the_distribution():
     counts = torch.bincount(draw(logp), minlength=4).float() / 20000
     assert counts[1] == 0  # probability 0 is never drawn
     assert torch.allclose(counts, probs, atol=0.015)  # 4+ standard errors at n = 20000
+
+
+def training_batch() -> SequenceBatch:
+    """Right-padded rows from two families of openings; each row trains on its tokens after the opening."""
+    rng = random.Random(3)
+    tokens = lambda n: [rng.randrange(1, VOCAB) for _ in range(n)]  # noqa: E731
+    family_a, family_b = tokens(50), tokens(70)
+    rows = [(family_a + tokens(5), 12), (family_a + tokens(5), 3), (family_b + tokens(9), 20), (family_a, 7)]
+    width = max(len(head) + n for head, n in rows)
+    ids = torch.full((len(rows), width), PAD)
+    attention, loss_mask = torch.zeros_like(ids), torch.zeros((len(rows), width))
+    for row, (head, n) in enumerate(rows):
+        seq = head + tokens(n)
+        ids[row, :len(seq)] = torch.tensor(seq)
+        attention[row, :len(seq)] = 1
+        loss_mask[row, len(head):len(seq)] = 1
+    return SequenceBatch(ids, attention, loss_mask, torch.zeros((len(rows), width)), torch.ones(len(rows)))
+
+
+def test_training_forward_with_shared_openings_matches_the_plain_one(model):
+    batch = training_batch()
+    start, clusters = shared_start(batch)
+    assert start == 49 and len(clusters) == 2  # family a's opening, one short of the row that is only the opening
+    trained = batch.loss_mask[:, 1:].bool()
+    weights = torch.randn(trained.shape, generator=torch.Generator().manual_seed(0)) * trained
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        logprobs = sequence_logprobs(model, batch, temperature=0.7, share_prefix=share)
+        (logprobs * weights).sum().backward()
+        results.append((logprobs.detach(), [p.grad.clone() for p in params]))
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert torch.allclose(shared[trained], plain[trained], atol=1e-5)
+    assert (shared[:, :start] == 0).all()  # untrained opening positions are not computed
+    for a, b in zip(plain_grads, shared_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in shared_grads)
+
+
+def test_a_row_with_nothing_shared_falls_back_to_the_plain_forward(model):
+    batch = training_batch()
+    batch.loss_mask[1, 10:] = 1  # this row now trains from token 10: too little before it to share
+    assert shared_start(batch)[0] == 0
+    plain = sequence_logprobs(model, batch, 1.0, share_prefix=False)
+    assert torch.equal(sequence_logprobs(model, batch, 1.0, share_prefix=True), plain)

@@ -15,27 +15,23 @@ import math
 import torch
 from accelerate import Accelerator
 
-from agentrl.algo.losses import policy_loss, token_logprobs
+from agentrl.algo.losses import policy_loss
 from agentrl.config import AlgoConfig
 from agentrl.train.batch import SequenceBatch
-
-
-def _sequence_logprobs(model, batch: SequenceBatch, temperature: float) -> torch.Tensor:
-    """``[B, L-1]`` log-probs of ``input_ids[:, 1:]`` under ``model``."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature)
+from agentrl.train.prefix import sequence_logprobs
 
 
 def _micro_loss(model, reference, mb: SequenceBatch, config: AlgoConfig, temperature: float,
-                normalizer: float, proximal: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+                normalizer: float, proximal: torch.Tensor | None,
+                share_prefix: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """The micro-batch's loss and stats, and the proximal logprobs it used (this forward's when none given)."""
-    logprobs = _sequence_logprobs(model, mb, temperature)
+    logprobs = sequence_logprobs(model, mb, temperature, share_prefix)
     if proximal is None:
         proximal = logprobs.detach()
     ref = None
     if config.kl_coef > 0:
         with torch.no_grad(), reference.disable_adapter():
-            ref = _sequence_logprobs(reference, mb, temperature)
+            ref = sequence_logprobs(reference, mb, temperature, share_prefix)
     loss, stats = policy_loss(logprobs, mb.behaviour_logprobs[:, 1:], mb.advantages, mb.loss_mask[:, 1:],
                               clip_low=config.clip_low, clip_high=config.clip_high, ref_logprobs=ref,
                               kl_coef=config.kl_coef, normalizer=normalizer,
@@ -67,6 +63,9 @@ def policy_update(model, reference, optimizer, scheduler, accelerator: Accelerat
         return {}
     normalizer = global_tokens / accelerator.num_processes  # DDP averages gradients over processes
     params = [p for p in model.parameters() if p.requires_grad]
+    # Shared openings are computed once per micro-batch (agentrl/train/prefix.py). That takes two forward calls
+    # per backward, which a DDP-wrapped model does not allow, so several processes run the plain forward.
+    share_prefix = accelerator.num_processes == 1
     totals: dict[str, float] = {}
     proximal: dict[int, torch.Tensor] = {}  # micro-batch -> logprobs before the update (first epoch)
     for _ in range(config.epochs):
@@ -75,7 +74,7 @@ def policy_update(model, reference, optimizer, scheduler, accelerator: Accelerat
             if start < len(batch):
                 mb = batch.slice(start, start + config.micro_batch_size)
                 loss, stats, proximal[i] = _micro_loss(model, reference, mb, config, temperature, normalizer,
-                                                       proximal.get(i))
+                                                       proximal.get(i), share_prefix)
                 weight = stats["n_tokens"] / max(global_tokens, 1.0)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + (value if key in ("loss", "n_tokens") else value * weight)
