@@ -9,6 +9,7 @@ import random
 from fractions import Fraction
 
 from agentrl.envs.base import ToolEnvironment, in_test_split, tool
+from agentrl.envs.tools import ToolError
 from agentrl.types import Task, ToolCall
 
 TOLERANCE = 1e-6
@@ -73,6 +74,18 @@ def format_number(value: Fraction) -> str:
 
 
 
+def calculate(expression: str) -> str:
+    """Evaluate arithmetic with + - * / and parentheses.
+
+    Args:
+        expression: for example "12 * (3 + 4)".
+    """
+    try:
+        return format_number(evaluate(expression))
+    except ValueError as exc:  # the model gets "Error: ..." back and the call counts as a tool error
+        raise ToolError(str(exc)) from None
+
+
 class CalculatorEnv(ToolEnvironment):
     """Word problems with one operation; the model should compute with ``calculate`` and then ``answer``.
 
@@ -106,18 +119,7 @@ class CalculatorEnv(ToolEnvironment):
             shown += f",phrasing={phrasing}"
         self.task_version = self.version if defaults else f"{self.version}({shown})"
 
-    @tool
-    def calculate(self, expression: str) -> str:
-        """Evaluate arithmetic with + - * / and parentheses.
-
-        Args:
-            expression: for example "12 * (3 + 4)".
-        """
-        try:
-            return format_number(evaluate(expression))
-        except ValueError as exc:
-            self.info["tool_errors"] += 1  # counted like the base's own bad-call errors
-            return f"Error: {exc}"
+    calculate = staticmethod(tool(calculate))  # the module's function, shared with reasoning_gym
 
     @tool
     def answer(self, value: float) -> str:

@@ -6,6 +6,7 @@ import random
 import string
 
 from agentrl.envs.base import ToolEnvironment, in_test_split, tool
+from agentrl.envs.tools import ToolError
 from agentrl.types import Message, Task, ToolCall
 
 # "words" keys are whole common words, one token each for most tokenizers: the easiest keys to copy.
@@ -92,8 +93,7 @@ class LookupEnv(ToolEnvironment):
         key = normalize_key(key)
         table = self.task.data["table"]
         if key not in table:
-            self.info["tool_errors"] += 1  # counted like the base's own bad-call errors
-            return f"Error: no key '{key}'"
+            raise ToolError(f"no key '{key}'")
         self.fetched.append(key)
         return table[key]
 

@@ -37,9 +37,9 @@ from reasoning_gym.factory import DATASETS
 
 from agentrl.envs.base import ToolEnvironment, task_rng, tool
 from agentrl.envs.schema import function_schema
-from agentrl.envs.tools import Tool, ToolError
+from agentrl.envs.tools import Tool
 from agentrl.types import Message, Task, ToolCall
-from environments.calculator import evaluate, format_number
+from environments.calculator import calculate
 
 RG_VERSION = package_version("reasoning-gym")
 BLOCK = 1024  # items per generator instance: some generators build all ``size`` items up front (acre)
@@ -128,7 +128,7 @@ class ReasoningGymEnv(ToolEnvironment):
         self.weights = [1.0] * len(self.names) if weights is None else [float(w) for w in weights]
         if len(self.weights) != len(self.names) or min(self.weights) < 0 or sum(self.weights) <= 0:
             raise ValueError(f"weights must be {len(self.names)} non-negative numbers, not all 0, got {weights}")
-        extra = [Tool(function_schema(self.calculate, "calculate"), self.calculate)] if calculator else []
+        extra = [Tool(function_schema(calculate, "calculate"), calculate)] if calculator else []
         extra += [Tool(function_schema(self.python, "python"), self.python)] if python else []
         super().__init__(tools=extra)
         self.calculator = calculator
@@ -251,17 +251,6 @@ class ReasoningGymEnv(ToolEnvironment):
         self.info["score"] = score
         self.finish(reward=score, success=score == 1.0)
         return "Answer recorded."
-
-    def calculate(self, expression: str) -> str:
-        """Evaluate arithmetic with + - * / and parentheses.
-
-        Args:
-            expression: for example "12 * (3 + 4)".
-        """
-        try:
-            return format_number(evaluate(expression))
-        except ValueError as exc:
-            raise ToolError(str(exc)) from None
 
     def python(self, code: str) -> str:
         """Run a Python 3 program in a sandbox and see what it prints (no network, a few seconds).

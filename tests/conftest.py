@@ -1,6 +1,11 @@
-"""Shared fixtures: a micro model (random init, head_dim 16) built once per test session."""
+"""Shared fixtures: a micro model (random init, head_dim 16) built once per test session; a directory outside
+the sandbox's workspace."""
 
 from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -19,3 +24,12 @@ def tokenizer(micro_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(micro_model_dir)
+
+
+@pytest.fixture
+def outside_dir():
+    """A world-writable directory outside the workspace that the sandbox can see (its /tmp is private)."""
+    path = Path(tempfile.mkdtemp(prefix="agentrl-outside-test-", dir="/run"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)

@@ -1,9 +1,11 @@
-"""Checks every environment's tests make: tasks independent of the process, and served == in-process."""
+"""Checks every environment's tests make: the oracle solves its tasks, tasks are independent of the process,
+served == in-process, and what a tiny model must copy is a single token it was shown."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -12,10 +14,57 @@ from typing import Any, Callable, Iterable
 
 from agentrl.envs import make_env
 from agentrl.envs.client import RemoteEnvironment
+from agentrl.policy.scripted import tool_call_text
+from agentrl.rollout.chat import ChatFormat
 from agentrl.rollout.traces import oracle_conversation
-from agentrl.types import Task, ToolCall
+from agentrl.types import StepResult, Task, ToolCall
 
 ROOT = Path(__file__).resolve().parents[1]
+
+def play(env, task: Task, calls: Iterable[ToolCall]) -> list[StepResult]:
+    """Reset ``env`` to ``task`` and make ``calls`` in order."""
+    env.reset(task)
+    return [env.step(call) for call in calls]
+
+
+def assert_oracle_solves(env, tasks: Iterable[Task], full: float = 1.0) -> list[list[StepResult]]:
+    """Each task's oracle episode ends on its last call with reward ``full`` and success, and no call errs.
+    Returns every episode's step results."""
+    episodes = []
+    for task in tasks:
+        results = play(env, task, env.oracle(task))
+        assert [r.done for r in results] == [False] * (len(results) - 1) + [True], task.id
+        assert results[-1].reward == full and env.info["success"], task.id
+        assert env.info["tool_errors"] == 0 and not any(r.observation.startswith("Error") for r in results), task.id
+        episodes.append(results)
+    return episodes
+
+
+def assert_copied_words_are_shown_tokens(tokenizer, env, tasks: Iterable[Task], vocabulary: set[str],
+                                         every_word: bool = False) -> list[int]:
+    """What a from-scratch model can copy (docs/learning.md): every vocabulary word in an oracle call's
+    arguments is one token whose id already appeared before that call. With ``every_word``, each word of
+    the arguments must be a vocabulary word. Returns the prompt length of each oracle conversation."""
+    chat = ChatFormat(tokenizer)
+    lengths = []
+    for task in tasks:
+        conversation = oracle_conversation(env, task)
+        lengths.append(len(chat.prompt_ids(conversation.messages, conversation.tools)))
+        for i, message in enumerate(conversation.messages):
+            if message["role"] != "assistant":
+                continue
+            shown = chat.prompt_ids(conversation.messages[:i], conversation.tools)
+            call = message["tool_calls"][0]["function"]
+            ids = chat.encode(tool_call_text(ToolCall(call["name"], call["arguments"])))
+            for word in re.findall(r"\w+", " ".join(map(str, call["arguments"].values()))):
+                if every_word:
+                    assert word in vocabulary, (task.prompt, word)
+                elif word not in vocabulary:
+                    continue
+                token = [t for t in ids if tokenizer.decode([t]).strip() == word]
+                assert token and token[0] in shown, (task.prompt, word)
+    return lengths
+
 
 _TASKS_SCRIPT = """
 import json, sys, warnings

@@ -16,12 +16,12 @@ from agentrl.envs import make_env
 from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
 from agentrl.model import build_tiny_model
-from agentrl.policy.scripted import tool_call_text
-from agentrl.rollout.chat import ChatFormat
-from agentrl.rollout.traces import oracle_conversation
 from agentrl.types import ToolCall
 from environments.db import CITIES, DEPTS, EASY, KINDS, MAX_ROWS, NAMES, SCHEMA, DBEnv
-from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
+from tests.env_checks import (
+    assert_copied_words_are_shown_tokens, assert_oracle_solves, assert_served_like_in_process,
+    assert_tasks_identical_across_processes, play,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [{}, EASY]
@@ -31,11 +31,6 @@ SETTINGS = [{}, EASY]
 def cached_test_split(easy: bool = False) -> list:
     """The test split, made once per file (each task draws several candidates to land in the split)."""
     return DBEnv(**EASY).tasks("test") if easy else DBEnv().tasks("test")
-
-
-def play(env, task, calls):
-    env.reset(task)
-    return [env.step(call) for call in calls]
 
 
 def query(sql):
@@ -51,11 +46,7 @@ def test_oracle_solves_the_whole_test_split(kwargs):
     env = DBEnv(**kwargs)
     tasks = cached_test_split(bool(kwargs))
     assert len(tasks) == 200 and {t.data["kind"] for t in tasks} == set(env.kinds)
-    for task in tasks:
-        results = play(env, task, env.oracle(task))
-        assert [r.done for r in results] == [False] * (len(results) - 1) + [True], task.id
-        assert results[-1].reward == 1.0 and env.info["success"], task.id
-        assert env.info["tool_errors"] == 0 and not any(r.observation.startswith("Error") for r in results)
+    assert_oracle_solves(env, tasks)
     env.close()
 
 
@@ -74,26 +65,11 @@ def test_easy_preset_is_short_and_copies_single_words():
 
 
 def test_easy_values_are_single_tokens_the_model_has_seen(tmp_path):
-    # What a from-scratch model can copy: one token, with the same id where it was shown (docs/learning.md).
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "m", size="micro",
                                                                env_names=["environments.db:DBEnv"]))
-    chat, env = ChatFormat(tokenizer), DBEnv(**EASY)
-    vocabulary = {*NAMES, *DEPTS, *CITIES, *(column for column, _ in SCHEMA["people"]),
-                  *map(str, range(1000))}
-    lengths = []
-    for task in cached_test_split(easy=True)[:60]:
-        conversation = oracle_conversation(env, task)
-        lengths.append(len(chat.prompt_ids(conversation.messages, conversation.tools)))
-        for i, message in enumerate(conversation.messages):
-            if message["role"] != "assistant":
-                continue
-            shown = chat.prompt_ids(conversation.messages[:i], conversation.tools)
-            call = message["tool_calls"][0]["function"]
-            ids = chat.encode(tool_call_text(ToolCall(call["name"], call["arguments"])))
-            for word in re.findall(r"\w+", json.dumps(call["arguments"])):
-                if word in vocabulary:
-                    token = [t for t in ids if tokenizer.decode([t]).strip() == word]
-                    assert token and token[0] in shown, (task.prompt, word)
+    vocabulary = {*NAMES, *DEPTS, *CITIES, *(column for column, _ in SCHEMA["people"]), *map(str, range(1000))}
+    lengths = assert_copied_words_are_shown_tokens(tokenizer, DBEnv(**EASY), cached_test_split(easy=True)[:60],
+                                                   vocabulary)
     assert max(lengths) < 400, max(lengths)
 
 

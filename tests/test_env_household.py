@@ -15,7 +15,9 @@ from agentrl.rollout.chat import ChatFormat
 from agentrl.rollout.traces import oracle_conversation
 from agentrl.types import Task, ToolCall
 from environments.household import KINDS, HouseholdEnv
-from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
+from tests.env_checks import (
+    assert_oracle_solves, assert_served_like_in_process, assert_tasks_identical_across_processes, play
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PATH = "environments.household:HouseholdEnv"
@@ -23,11 +25,6 @@ EASY = {"kinds": ["place", "clean", "heat", "cool"], "objects": 2, "closed": Fal
         "show_room": True, "max_actions": 6}
 SETTINGS = [{}, EASY, {"closed": True, "auto_walk": True}, {"closed": False, "auto_walk": False, "objects": 0},
             {"kinds": ["two"], "objects": 15, "show_room": True}]
-
-
-def play(env, task, calls):
-    env.reset(task)
-    return [env.step(call) for call in calls]
 
 
 def call(name, **arguments):
@@ -47,12 +44,7 @@ def test_oracle_solves_the_whole_test_split(kwargs):
     env = HouseholdEnv(**kwargs)
     tasks = env.tasks("test")
     assert len(tasks) == 200
-    for task in tasks:
-        results = play(env, task, env.oracle(task))
-        assert [r.done for r in results] == [False] * (len(results) - 1) + [True], task.id
-        assert results[-1].reward == 1.0 and env.info["success"], task.id
-        assert env.info["tool_errors"] == 0 and not any(r.observation.startswith("Error") for r in results)
-        assert len(results) <= env.max_actions
+    assert all(len(results) <= env.max_actions for results in assert_oracle_solves(env, tasks))
 
 
 def test_easy_preset_is_short_and_single_token():

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +19,7 @@ from agentrl.types import ToolCall
 from environments.lookup import KEY_WORDS
 from environments.os_shell import (CHANGE_KINDS, DIRS, EASY, KINDS, QUESTION_KINDS, STEMS, WORDS, OSEnv, initial_state,
                                    normalize, read_state)
-from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
+from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes, play
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,20 +30,6 @@ def sandbox_available():
         Sandbox().close()
     except SandboxUnavailable as e:
         pytest.skip(f"this machine cannot provide the sandbox: {e}")
-
-
-@pytest.fixture
-def outside_dir():
-    """A world-writable directory outside the workspace that the sandbox can see (its /tmp is private)."""
-    path = Path(tempfile.mkdtemp(prefix="agentrl-os-env-test-", dir="/run"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
-
-
-def play(env, task, calls):
-    env.reset(task)
-    return [env.step(call) for call in calls]
 
 
 def task_of(env, kind, split="train"):

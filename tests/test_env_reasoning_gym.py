@@ -13,7 +13,7 @@ from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
 from agentrl.rollout.traces import oracle_conversation
 from agentrl.types import ToolCall
-from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
+from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes, play
 
 warnings.filterwarnings("ignore", module="reasoning_gym")  # pool_matrix's numpy warning, on import
 rg_env = pytest.importorskip("environments.reasoning_gym_env")
@@ -33,11 +33,6 @@ def forget_caches(monkeypatch):
     """Empty the process-wide generator, item and scan caches for one test."""
     for cache in ("_GENERATORS", "_ENTRIES", "_SCANS"):
         monkeypatch.setattr(rg_env, cache, type(getattr(rg_env, cache))())
-
-
-def play(env, task, calls):
-    env.reset(task)
-    return [env.step(call) for call in calls]
 
 
 def answer(text):

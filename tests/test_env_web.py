@@ -26,7 +26,9 @@ from agentrl.envs.sessions import EnvService
 from agentrl.types import ToolCall
 from environments.web import EASY, WebShopEnv, browser_host, score_order, shutdown_browser
 from environments.web_shop_site import search_products
-from tests.env_checks import assert_served_like_in_process, assert_tasks_identical_across_processes
+from tests.env_checks import (
+    assert_oracle_solves, assert_served_like_in_process, assert_tasks_identical_across_processes, play
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [pytest.param({}, id="default"), pytest.param(EASY, id="easy")]
@@ -44,11 +46,6 @@ def browser():
         pytest.fail("Playwright is not installed: pip install playwright==1.65.2", pytrace=False)
     yield
     shutdown_browser()
-
-
-def play(env, task, calls):
-    env.reset(task)
-    return [env.step(call) for call in calls]
 
 
 def click(eid):
@@ -174,10 +171,7 @@ def test_oracle_solves_a_test_task(browser, kwargs):
 @pytest.mark.parametrize("kwargs", SETTINGS)
 def test_oracle_solves_the_whole_test_split(browser, kwargs):
     env = WebShopEnv(**kwargs)
-    for task in env.tasks("test"):
-        results = play(env, task, env.oracle(task))
-        assert [r.done for r in results] == [False] * (len(results) - 1) + [True], task.id
-        assert results[-1].reward == 1.0 and env.info["success"] and env.info["tool_errors"] == 0, task.id
+    assert_oracle_solves(env, env.tasks("test"))
     env.close()
 
 

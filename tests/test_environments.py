@@ -13,15 +13,10 @@ from agentrl.types import ToolCall
 from environments.calculator import CalculatorEnv
 from agentrl.rollout.traces import oracle_conversation
 from environments.lookup import KEY_WORDS, LookupEnv
-from tests.env_checks import assert_tasks_identical_across_processes
+from tests.env_checks import assert_oracle_solves, assert_tasks_identical_across_processes, play
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = [CalculatorEnv, LookupEnv]
-
-
-def play(env, task, calls):
-    env.reset(task)
-    return [env.step(call) for call in calls]
 
 
 @pytest.mark.parametrize("cls, full", [(CalculatorEnv, 1.0), (LookupEnv, 10.0)])
@@ -29,11 +24,7 @@ def test_oracle_solves_the_whole_test_split(cls, full):
     env = cls()
     tasks = env.tasks("test")
     assert len(tasks) == 200
-    for task in tasks:
-        results = play(env, task, env.oracle(task))
-        assert [r.done for r in results] == [False] * (len(results) - 1) + [True], task.id
-        assert results[-1].reward == full and env.info["success"], task.id
-        assert env.info["tool_errors"] == 0 and not any(r.observation.startswith("Error") for r in results)
+    assert_oracle_solves(env, tasks, full)
 
 
 @pytest.mark.parametrize("cls", ENVS)

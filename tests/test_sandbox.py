@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -53,15 +51,6 @@ def processes_of(uid: int) -> list[int]:
 
 def assert_host_intact() -> None:
     assert subprocess.run(["sh", "-c", "echo alive"], capture_output=True, text=True, check=True).stdout == "alive\n"
-
-
-@pytest.fixture
-def outside_dir():
-    """A world-writable directory outside the workspace that the sandbox can see (/tmp is private to it)."""
-    path = Path(tempfile.mkdtemp(prefix="agentrl-sandbox-test-", dir="/run"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
 
 
 @pytest.fixture
