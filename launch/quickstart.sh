@@ -3,11 +3,12 @@
 # traces → GRPO with task advantage normalization on two environments → held-out success of the SFT and the
 # RL checkpoints, side by side. About 10-15 minutes on a 2-core CPU. Extra args override the recipe, e.g.
 #   bash launch/quickstart.sh --train.steps=10
+# RECIPE=recipes/multitask_cpu.yaml runs the same sequence on another recipe.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source launch/setup_venv.sh
-RECIPE=recipes/quickstart.yaml
+RECIPE=${RECIPE:-recipes/quickstart.yaml}
 OUT=$(python -c "import sys; from agentrl.config import load_recipe; print(load_recipe('$RECIPE', sys.argv[1:]).train.output_dir)" "$@")
 LIMIT=$(python -c "import sys; from agentrl.config import load_recipe; print(load_recipe('$RECIPE', sys.argv[1:]).eval.limit)" "$@")
 start=$(date +%s)

@@ -131,3 +131,17 @@ def test_bad_early_stop_settings_name_the_key(override, key):
 
     with pytest.raises(ConfigError, match=key):
         check_early_stop(load_recipe(None, [override]).sft)
+
+
+def test_oracle_traces_of_a_blocking_environment_keep_task_order_when_played_at_once(monkeypatch):
+    recipe = load_recipe(None, ["--envs=[{name: os}, {name: calculator}]"])
+    suite = build_envs(recipe)
+    assert suite.prototypes["os"].blocking and not suite.prototypes["calculator"].blocking
+    monkeypatch.setattr("agentrl.train.sft.ORACLE_THREADS", 1)
+    one_by_one = oracle_dataset(suite, 12).to_list()
+    monkeypatch.setattr("agentrl.train.sft.ORACLE_THREADS", 4)
+    at_once = oracle_dataset(suite, 12).to_list()
+    assert len(at_once) == 24
+    assert at_once == one_by_one
+    prompts = [row["messages"][1]["content"] for row in at_once[:12]]
+    assert prompts == [task.prompt for task in suite.prototypes["os"].tasks("train", 12)]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from datasets import Dataset, Features, Json, List
+from tqdm import tqdm
 from transformers import TrainerCallback
 
 from agentrl.config import ConfigError, SFTConfig
@@ -19,18 +21,31 @@ from agentrl.rollout.traces import oracle_conversation
 from agentrl.train.setup import EnvSuite
 
 DONE_MARKER = "sft_done.json"
+ORACLE_THREADS = 4  # episodes of a blocking environment played at once while building the SFT set
 
 
 def oracle_dataset(suite: EnvSuite, examples_per_env: int, start: int = 0,
-                   envs: list[str] | None = None) -> Dataset:
+                   envs: list[str] | None = None, progress: bool = False) -> Dataset:
     """Oracle conversations from train-split tasks ``start .. start+examples_per_env``; every one must succeed."""
+    names = envs or list(suite.prototypes)
     rows = []
-    for name in envs or list(suite.prototypes):
-        for task in suite.prototypes[name].tasks("train", examples_per_env, start=start):
-            conversation = oracle_conversation(suite.make(name), task)
-            if not conversation.success:
-                raise RuntimeError(f"oracle failed on {task.id}: an SFT trace must be a correct one")
-            rows.append({"messages": conversation.messages, "tools": conversation.tools})
+    with tqdm(total=len(names) * examples_per_env, desc="oracle traces", disable=not progress) as bar, \
+            ThreadPoolExecutor(ORACLE_THREADS) as pool:
+        for name in names:
+            bar.set_postfix_str(name)
+            tasks = suite.prototypes[name].tasks("train", examples_per_env, start=start)
+
+            def play(task, name=name):
+                return oracle_conversation(suite.make(name), task)
+
+            # An environment that waits on a browser or subprocesses plays several episodes at once; map keeps
+            # the task order, so the dataset does not depend on which episode finished first.
+            plays = pool.map(play, tasks) if suite.prototypes[name].blocking else map(play, tasks)
+            for task, conversation in zip(tasks, plays):
+                if not conversation.success:
+                    raise RuntimeError(f"oracle failed on {task.id}: an SFT trace must be a correct one")
+                rows.append({"messages": conversation.messages, "tools": conversation.tools})
+                bar.update()
     # Json features keep each message and schema exactly as written: Arrow structs would merge the argument
     # schemas of different environments and add null-valued keys to every tool call.
     features = Features({"messages": List(Json()), "tools": Json()})
@@ -195,7 +210,10 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32")
-    dataset = oracle_dataset(suite, config.examples_per_env).shuffle(seed=seed)
+    from accelerate import PartialState
+
+    dataset = oracle_dataset(suite, config.examples_per_env,
+                             progress=PartialState().is_main_process).shuffle(seed=seed)
     args = TrlSFTConfig(
         output_dir=str(output_dir / "trainer"), assistant_only_loss=True, max_length=config.max_length,
         per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
