@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-import environments.web as web
+import environments.web_browser as web_browser
 from agentrl.envs.server import env_factories, serve_in_thread
 from agentrl.envs.sessions import EnvService
 from agentrl.types import ToolCall
-from environments.web import EASY, WebShopEnv, browser_host, score_order, shutdown_browser
+from environments.web import EASY, WebShopEnv, score_order
+from environments.web_browser import browser_host, shutdown_browser
 from environments.web_shop_site import search_products
 from tests.env_checks import (
     assert_oracle_solves, assert_served_like_in_process, assert_tasks_identical_across_processes, play
@@ -311,7 +312,7 @@ def test_pages_render_as_compact_text(browser):
     async def render(html):
         async def on(page):
             await page.set_content(html)
-            return await page.evaluate(web.RENDER_JS)
+            return await page.evaluate(web_browser.RENDER_JS)
         return await browser_host().with_page(-1, on)
 
     host = browser_host()
@@ -398,7 +399,7 @@ def wait_for(condition, seconds: float) -> bool:
 
 
 def test_browser_is_shared_started_lazily_and_closed_after_the_last_close(browser, monkeypatch):
-    monkeypatch.setattr(web, "GRACE_S", 0.3)
+    monkeypatch.setattr(web_browser, "GRACE_S", 0.3)
     shutdown_browser()
     host = browser_host()
     mine_before, browsers_before = browser_processes()
@@ -440,7 +441,7 @@ async def _holders(host):
 
 @pytest.mark.slow
 def test_pages_lent_to_other_environments_are_reopened(browser, monkeypatch):
-    monkeypatch.setattr(web, "MAX_PAGES", 1)
+    monkeypatch.setattr(web_browser, "MAX_PAGES", 1)
     shutdown_browser()
     envs = [WebShopEnv(**EASY) for _ in range(3)]
     tasks = [env.task_at("test", i) for i, env in enumerate(envs)]
