@@ -184,7 +184,8 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
         if step + 1 == max_new_tokens or len(done_now) == len(live):
             break
         if done_now:  # drop finished rows from the batch
-            keep = torch.tensor([j for j in range(len(live)) if j not in set(done_now)], device=device)
+            done = set(done_now)
+            keep = torch.tensor([j for j in range(len(live)) if j not in done], device=device)
             cache.batch_select_indices(keep)
             live, token, mask, next_position = live[keep], token[keep], mask[keep], next_position[keep]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)

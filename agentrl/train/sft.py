@@ -205,13 +205,12 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
     if (output_dir / DONE_MARKER).exists():
         check_same_settings(output_dir, settings)
         return output_dir
+    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TrlSFTConfig
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32")
-    from accelerate import PartialState
-
     dataset = oracle_dataset(suite, config.examples_per_env,
                              progress=PartialState().is_main_process).shuffle(seed=seed)
     args = TrlSFTConfig(
