@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from agentrl.policy.decode import draw, prefix_clusters, sample
+from agentrl.policy.hf import merged_lora
 from agentrl.train.batch import SequenceBatch
 from agentrl.train.prefix import sequence_logprobs, shared_start
 
@@ -97,6 +98,34 @@ def test_sampled_logprobs_are_those_of_a_full_forward_pass(model):
         assert s.logprobs == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_sampling_with_the_adapter_merged_matches_the_unmerged_model(model):
+    prompts = prompts_with_structure()
+    base = {name: (p, p.detach().clone()) for name, p in model.named_parameters() if "base_layer" in name}
+    unmerged = sample(model, prompts, 10, 0.0, eos_id=VOCAB + 1, pad_id=PAD)
+    with merged_lora(model):
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert not torch.equal(q_proj.base_layer.weight, base[next(n for n in base if "q_proj" in n)][1])
+        merged = sample(model, prompts, 10, 0.0, eos_id=VOCAB + 1, pad_id=PAD)
+    assert [s.ids for s in merged] == [s.ids for s in unmerged]
+    for a, b in zip(merged, unmerged):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    for name, p in model.named_parameters():  # the same parameter objects, bit for bit, adapter active again
+        if name in base:
+            assert p is base[name][0] and torch.equal(p, base[name][1])
+    assert [s.ids for s in sample(model, prompts, 10, 0.0, eos_id=VOCAB + 1, pad_id=PAD)] == [s.ids for s in unmerged]
+
+
+def test_an_adapter_variant_is_sampled_unmerged():
+    torch.manual_seed(4)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    dora = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    weight = dora.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    before = weight.data_ptr()
+    with merged_lora(dora):
+        assert weight.data_ptr() == before  # DoRA's update is not a plain W + BA: left to peft
+
+
 def test_repeated_prompts_get_independent_samples(model):
     torch.manual_seed(2)
     prompt = prompts_with_structure()[0]
@@ -140,7 +169,7 @@ def test_training_forward_with_shared_openings_matches_the_plain_one(model):
     results = []
     for share in (False, True):
         model.zero_grad()
-        logprobs = sequence_logprobs(model, batch, temperature=0.7, share_prefix=share)
+        logprobs = sequence_logprobs(model, batch, temperature=0.7, lean=share)
         (logprobs * weights).sum().backward()
         results.append((logprobs.detach(), [p.grad.clone() for p in params]))
     (plain, plain_grads), (shared, shared_grads) = results
@@ -155,5 +184,30 @@ def test_a_row_with_nothing_shared_falls_back_to_the_plain_forward(model):
     batch = training_batch()
     batch.loss_mask[1, 10:] = 1  # this row now trains from token 10: too little before it to share
     assert shared_start(batch)[0] == 0
-    plain = sequence_logprobs(model, batch, 1.0, share_prefix=False)
-    assert torch.equal(sequence_logprobs(model, batch, 1.0, share_prefix=True), plain)
+    trained = batch.loss_mask[:, 1:].bool()
+    plain = sequence_logprobs(model, batch, 1.0, lean=False)
+    lean = sequence_logprobs(model, batch, 1.0, lean=True)
+    assert torch.allclose(lean[trained], plain[trained], atol=1e-5)
+    assert (lean[~trained] == 0).all() and (plain[~trained] != 0).all()  # only trained positions are projected
+
+
+def test_a_model_whose_logits_are_not_the_plain_head_is_scored_whole():
+    """Some causal LMs transform ``lm_head``'s output (Gemma soft-caps it); the lean path must notice and
+    use the model's own logits rather than project the hidden states itself."""
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+
+    class SoftCapped(Qwen2ForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+            return out
+
+    capped = SoftCapped(config).eval()
+    batch = training_batch()
+    trained = batch.loss_mask[:, 1:].bool()
+    logits = capped(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    got = sequence_logprobs(capped, batch, 1.0, lean=True)
+    assert torch.allclose(got[trained], expected[trained], atol=1e-5)

@@ -8,14 +8,57 @@ event loop keeps stepping environments meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import PreTrainedModel
 
 from agentrl.policy.base import Generation, SamplingParams
 from agentrl.policy.decode import sample
+
+
+def _mergeable(layer: LoraLinear) -> bool:
+    """A plain LoRA linear (no DoRA or other variant, no bias on B, an unquantised base) not merged already."""
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    return (type(layer.base_layer) is torch.nn.Linear and not layer.merged
+            and all(a not in layer.lora_variant and layer.lora_B[a].bias is None for a in active))
+
+
+@contextlib.contextmanager
+def merged_lora(model) -> Iterator[None]:
+    """Run ``model`` with each LoRA linear's update folded into its weight, ``W + scale * B @ A``.
+
+    Decoding calls every projection once per token, and the unmerged adapter adds two small matmuls, a scale
+    and an add to each. Merged, sampling is one matmul per projection. The base weights are not modified: each
+    layer's weight is pointed at a merged copy and back, so no rounding accumulates across steps. The result
+    equals the unmerged model's up to float rounding (the trainer's importance ratio absorbs that).
+    Anything else (no peft model, DoRA, quantised layers) runs unchanged.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)] if isinstance(model, PeftModel) else []
+    if not layers or not all(_mergeable(layer) for layer in layers):
+        yield
+        return
+    swapped = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.base_layer.weight
+                merged = weight.detach().clone()
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        merged += layer.get_delta_weight(adapter).to(merged.dtype)
+                swapped.append((weight, weight.data))
+                weight.data = merged
+        with model.disable_adapter():
+            yield
+    finally:
+        for weight, data in swapped:
+            weight.data = data
 
 
 @dataclass
@@ -126,8 +169,9 @@ class HFPolicy:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = sample(self.model, prompts, sampling.max_new_tokens, sampling.temperature, self.eos_id,
-                         self.pad_id)
+            with merged_lora(self.model):
+                out = sample(self.model, prompts, sampling.max_new_tokens, sampling.temperature, self.eos_id,
+                             self.pad_id)
         finally:
             self.model.train(was_training)
         return [Generation(ids=s.ids, logprobs=s.logprobs, version=self.version, finished=s.finished) for s in out]

@@ -8,9 +8,15 @@ gradient is the sum of what each row's own copy would have received.
 
 Rows are right-padded, so every row's shared part sits at slots ``[0, start)`` and the batch resumes at
 ``start``, the shortest shared opening of any group (a row with a longer one recomputes its tail).
+
+The vocabulary projection then runs only where the loss needs a log-prob: the tokens the policy sampled.
+The tool output and prompt text between them are most of an agent trajectory, and the ``[rows, length,
+vocab]`` logits and their softmax were the largest tensors of the update.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from transformers import DynamicCache
@@ -36,15 +42,61 @@ def shared_start(batch: SequenceBatch, min_shared: int = MIN_SHARED_PREFIX) -> t
     return min(shared for _, shared in clusters), clusters
 
 
-def sequence_logprobs(model, batch: SequenceBatch, temperature: float, share_prefix: bool = True) -> torch.Tensor:
+def _head_split(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(decoder, lm_head)`` when the model's logits are exactly ``lm_head(decoder(...).last_hidden_state)``.
+
+    That holds for Qwen2/Llama-style models, but not for every causal LM (some scale or soft-cap their logits),
+    so it is checked once per model on a short input; ``None`` (use the full forward) when it does not hold
+    or the model is wrapped (DDP exposes neither part, and must be called as a whole to sync gradients).
+    """
+    if model in _SPLITS:
+        return _SPLITS[model]
+    parts = None
+    if hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings"):
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        if decoder is not None and head is not None:
+            device = next(model.parameters()).device
+            ids = torch.arange(1, 9, device=device)[None] % model.config.vocab_size
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                whole = model(input_ids=ids).logits.float()
+                split = head(decoder(input_ids=ids).last_hidden_state).float()
+            model.train(was_training)
+            if whole.shape == split.shape and torch.allclose(whole, split, atol=1e-5, rtol=1e-5):
+                parts = (decoder, head)
+    _SPLITS[model] = parts
+    return parts
+
+
+_SPLITS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple | None]" = weakref.WeakKeyDictionary()
+
+
+def _trained_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, trained: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Log-probs of ``targets`` where ``trained``, 0 elsewhere: the vocabulary projection and its softmax run
+    only on the positions the loss uses (in agent trajectories most positions are prompt and tool output)."""
+    out = hidden.new_zeros(targets.shape, dtype=torch.float32)
+    picked = token_logprobs(head(hidden[trained])[None], targets[trained][None], temperature)[0]
+    return out.masked_scatter(trained, picked)
+
+
+def sequence_logprobs(model, batch: SequenceBatch, temperature: float, lean: bool = True) -> torch.Tensor:
     """``[B, L-1]`` log-probs of ``input_ids[:, 1:]`` under ``model``.
 
-    With ``share_prefix``, positions inside a shared opening (never trained) hold 0 instead of their log-prob.
+    ``lean`` (the model is called directly, not through a DDP wrapper): shared openings are computed once, and
+    only positions the loss trains on (``loss_mask[:, 1:]``) are projected onto the vocabulary; every other
+    position holds 0. Without it, one plain forward gives every position's log-prob.
     """
-    start, clusters = shared_start(batch) if share_prefix else (0, [])
+    split = _head_split(model) if lean else None
+    start, clusters = shared_start(batch) if lean else (0, [])
     if start == 0:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature)
+        if split is None:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature)
+        hidden = split[0](input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return _trained_logprobs(split[1], hidden[:, :-1], batch.input_ids[:, 1:],
+                                 batch.loss_mask[:, 1:].bool(), temperature)
     rows, length = batch.input_ids.shape
     device = batch.input_ids.device
     which = [0] * rows  # each row's cluster
@@ -63,7 +115,13 @@ def sequence_logprobs(model, batch: SequenceBatch, temperature: float, share_pre
         values = torch.cat([h.layers[layer].values for h in heads]).index_select(0, index)
         layers.append((keys, values))
     positions = torch.arange(start, length, device=device).expand(rows, -1)
-    logits = model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                   position_ids=positions, past_key_values=DynamicCache(layers), use_cache=True).logits
-    tail = token_logprobs(logits[:, :-1], batch.input_ids[:, start + 1:], temperature)
+    inputs = dict(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
+                  position_ids=positions, past_key_values=DynamicCache(layers), use_cache=True)
+    targets = batch.input_ids[:, start + 1:]
+    if split is None:
+        tail = token_logprobs(model(**inputs).logits[:, :-1], targets, temperature)
+    else:
+        hidden = split[0](**inputs).last_hidden_state
+        tail = _trained_logprobs(split[1], hidden[:, :-1], targets, batch.loss_mask[:, start + 1:].bool(),
+                                 temperature)
     return torch.cat([tail.new_zeros((rows, start)), tail], dim=1)

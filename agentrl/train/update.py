@@ -23,15 +23,15 @@ from agentrl.train.prefix import sequence_logprobs
 
 def _micro_loss(model, reference, mb: SequenceBatch, config: AlgoConfig, temperature: float,
                 normalizer: float, proximal: torch.Tensor | None,
-                share_prefix: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+                lean: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """The micro-batch's loss and stats, and the proximal logprobs it used (this forward's when none given)."""
-    logprobs = sequence_logprobs(model, mb, temperature, share_prefix)
+    logprobs = sequence_logprobs(model, mb, temperature, lean)
     if proximal is None:
         proximal = logprobs.detach()
     ref = None
     if config.kl_coef > 0:
         with torch.no_grad(), reference.disable_adapter():
-            ref = sequence_logprobs(reference, mb, temperature, share_prefix)
+            ref = sequence_logprobs(reference, mb, temperature, lean)
     loss, stats = policy_loss(logprobs, mb.behaviour_logprobs[:, 1:], mb.advantages, mb.loss_mask[:, 1:],
                               clip_low=config.clip_low, clip_high=config.clip_high, ref_logprobs=ref,
                               kl_coef=config.kl_coef, normalizer=normalizer,
@@ -63,9 +63,10 @@ def policy_update(model, reference, optimizer, scheduler, accelerator: Accelerat
         return {}
     normalizer = global_tokens / accelerator.num_processes  # DDP averages gradients over processes
     params = [p for p in model.parameters() if p.requires_grad]
-    # Shared openings are computed once per micro-batch (agentrl/train/prefix.py). That takes two forward calls
-    # per backward, which a DDP-wrapped model does not allow, so several processes run the plain forward.
-    share_prefix = accelerator.num_processes == 1
+    # Shared openings are computed once per micro-batch and only trained positions are projected onto the
+    # vocabulary (agentrl/train/prefix.py). That calls the model in parts, which a DDP-wrapped model does not
+    # allow (two forward calls per backward, or a bypassed wrapper), so several processes run the plain forward.
+    lean = accelerator.num_processes == 1
     totals: dict[str, float] = {}
     proximal: dict[int, torch.Tensor] = {}  # micro-batch -> logprobs before the update (first epoch)
     for _ in range(config.epochs):
@@ -74,7 +75,7 @@ def policy_update(model, reference, optimizer, scheduler, accelerator: Accelerat
             if start < len(batch):
                 mb = batch.slice(start, start + config.micro_batch_size)
                 loss, stats, proximal[i] = _micro_loss(model, reference, mb, config, temperature, normalizer,
-                                                       proximal.get(i), share_prefix)
+                                                       proximal.get(i), lean)
                 weight = stats["n_tokens"] / max(global_tokens, 1.0)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + (value if key in ("loss", "n_tokens") else value * weight)
