@@ -1,4 +1,4 @@
-"""The SFT warm start's loss: the dense loss agentrl uses on CPU must equal trl's fused one, gradients included."""
+"""The SFT warm start's loss: the lean loss agentrl uses on CPU must equal trl's fused one, gradients included."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 
 from agentrl.config import load_recipe
 from agentrl.train.setup import build_envs
-from agentrl.train.sft import _trainer_class, oracle_dataset
+from agentrl.train.prefix import head_split
+from agentrl.train.sft import _LEAN_INPUTS, _trainer_class, oracle_dataset
 
 
-def test_dense_loss_and_gradients_equal_trls_fused_ones(micro_model_dir, tmp_path):
+def test_lean_loss_and_gradients_equal_trls_fused_ones(micro_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
@@ -26,6 +27,8 @@ def test_dense_loss_and_gradients_equal_trls_fused_ones(micro_model_dir, tmp_pat
         model = AutoModelForCausalLM.from_pretrained(micro_model_dir)
         trainer = _trainer_class(fused)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        if not fused:  # the lean path, not its fallback: the plain Trainer loss would pass too
+            assert set(batch) <= _LEAN_INPUTS and head_split(model) is not None
         assert (batch["labels"] == -100).float().mean() > 0.5  # the prompt and tool turns carry no loss
         loss = trainer.compute_loss(model, batch, num_items_in_batch=(batch["labels"] != -100).sum())
         loss.backward()

@@ -42,7 +42,7 @@ def shared_start(batch: SequenceBatch, min_shared: int = MIN_SHARED_PREFIX) -> t
     return min(shared for _, shared in clusters), clusters
 
 
-def _head_split(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+def head_split(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """``(decoder, lm_head)`` when the model's logits are exactly ``lm_head(decoder(...).last_hidden_state)``.
 
     That holds for Qwen2/Llama-style models, but not for every causal LM (some scale or soft-cap their logits),
@@ -88,7 +88,7 @@ def sequence_logprobs(model, batch: SequenceBatch, temperature: float, lean: boo
     only positions the loss trains on (``loss_mask[:, 1:]``) are projected onto the vocabulary; every other
     position holds 0. Without it, one plain forward gives every position's log-prob.
     """
-    split = _head_split(model) if lean else None
+    split = head_split(model) if lean else None
     start, clusters = shared_start(batch) if lean else (0, [])
     if start == 0:
         if split is None:
