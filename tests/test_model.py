@@ -106,3 +106,13 @@ def test_a_built_tokenizer_learns_from_the_recipes_environments(tmp_path):
     chosen = ensure_base_model(ModelConfig(path=str(tmp_path / "b"), build="micro", tokenizer_envs=["calculator"]),
                                ["lookup"])
     assert json.loads((chosen / BUILD_STAMP).read_text())["tokenizer_envs"] == ["calculator"]
+    assert ensure_base_model(ModelConfig(path=str(built), build="micro"), ["lookup"]) == built  # reused
+    with pytest.raises(RuntimeError, match=r"tokenizer_envs \['lookup'\] \(this recipe builds \['calculator', 'lookup'\]\)"):
+        ensure_base_model(ModelConfig(path=str(built), build="micro"), ["calculator", "lookup"])
+    with pytest.raises(RuntimeError, match="size 'micro'.*'tiny'"):
+        ensure_base_model(ModelConfig(path=str(built), build="tiny"), ["lookup"])
+    stamp = json.loads((built / BUILD_STAMP).read_text())
+    del stamp["tokenizer_envs"]  # an early format-2 build did not record them
+    (built / BUILD_STAMP).write_text(json.dumps(stamp))
+    with pytest.raises(RuntimeError, match="tokenizer_envs None"):
+        ensure_base_model(ModelConfig(path=str(built), build="micro"), ["lookup"])

@@ -20,7 +20,8 @@ def ensure_base_model(config: ModelConfig, env_names: list[str] | None = None) -
 
     A built tokenizer learns its merges from the oracle conversations of ``config.tokenizer_envs``, else of
     ``env_names`` (the recipe's environments), else of every environment in the name table. A directory that an
-    older agentrl built (another ``BUILD_FORMAT``) is refused rather than reused.
+    older agentrl built (another ``BUILD_FORMAT``), or that was built at another size or for other environments,
+    is refused rather than reused.
     """
     from agentrl.model import BUILD_FORMAT, BUILD_STAMP
 
@@ -28,11 +29,19 @@ def ensure_base_model(config: ModelConfig, env_names: list[str] | None = None) -
     if (path / "config.json").exists():
         if config.build is not None:
             stamp = path / BUILD_STAMP
-            found = json.loads(stamp.read_text()).get("format") if stamp.exists() else 1
-            if found != BUILD_FORMAT:
+            built = json.loads(stamp.read_text()) if stamp.exists() else {"format": 1}
+            if built.get("format") != BUILD_FORMAT:
                 raise RuntimeError(
-                    f"{path} was built by an older agentrl (tiny-model format {found}; this version builds "
-                    f"format {BUILD_FORMAT}). Delete it to rebuild, or set model.build: null to use it as it is.")
+                    f"{path} was built by an older agentrl (tiny-model format {built.get('format')}; this version "
+                    f"builds format {BUILD_FORMAT}). Delete it to rebuild, or set model.build: null to use it as it is.")
+            # A model built for other environments has another tokenizer: reusing it silently would train a
+            # different model than the recipe describes.
+            wanted = {"size": config.build, "tokenizer_envs": list(config.tokenizer_envs) or env_names}
+            differ = [f"{key} {built.get(key)!r} (this recipe builds {value!r})" for key, value in wanted.items()
+                      if value is not None and built.get(key) != value]
+            if differ:
+                raise RuntimeError(f"{path} was built with other settings: {'; '.join(differ)}. Delete it to "
+                                   "rebuild, or set model.build: null to use it as it is.")
         return path
     if config.build is None:
         raise FileNotFoundError(f"model.path={config.path} has no model and model.build is null")
