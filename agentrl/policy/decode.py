@@ -176,21 +176,20 @@ class _GrowingLayer(DynamicLayer):
 def _decode_layers(cache: DynamicCache, config, room: int) -> None:
     """Swap the prefill's layers for the ones decoding uses.
 
-    Full-attention layers get ``room`` slots reserved for new tokens (``_GrowingLayer``). Sliding-window layers
-    keep only the last window of keys, as ``generate``'s own cache does: the prefill needs every layer at full
-    length (it lays out prefixes by slot); decoding does not, and a sliding layer then attends over a window
-    instead of the whole prompt.
+    Full-attention layers get ``room`` slots reserved for new tokens (``_GrowingLayer``); other kinds of layer
+    keep the prefill's. Sliding-window layers keep only the last window of keys, as ``generate``'s own cache
+    does: the prefill needs every layer at full length (it lays out prefixes by slot); decoding does not, and a
+    sliding layer then attends over a window instead of the whole prompt.
     """
     types = getattr(config, "layer_types", None) or ["full_attention"] * len(cache.layers)
     window = getattr(config, "sliding_window", None)
     for index, kind in enumerate(types):
         full = cache.layers[index]
         if kind == "sliding_attention" and window:
-            layer = DynamicSlidingWindowLayer(sliding_window=window)
-            layer.update(full.keys, full.values)
-        else:
-            layer = _GrowingLayer(full.keys, full.values, room)
-        cache.layers[index] = layer
+            cache.layers[index] = DynamicSlidingWindowLayer(sliding_window=window)
+            cache.layers[index].update(full.keys, full.values)
+        elif kind == "full_attention":
+            cache.layers[index] = _GrowingLayer(full.keys, full.values, room)
 
 
 @torch.no_grad()

@@ -59,10 +59,12 @@ def head_split(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
             ids = torch.arange(1, 9, device=device)[None] % model.config.vocab_size
             was_training = model.training
             model.eval()
-            with torch.no_grad():
-                whole = model(input_ids=ids).logits.float()
-                split = head(decoder(input_ids=ids).last_hidden_state).float()
-            model.train(was_training)
+            try:
+                with torch.no_grad():
+                    whole = model(input_ids=ids).logits.float()
+                    split = head(decoder(input_ids=ids).last_hidden_state).float()
+            finally:
+                model.train(was_training)
             if whole.shape == split.shape and torch.allclose(whole, split, atol=1e-5, rtol=1e-5):
                 parts = (decoder, head)
     _SPLITS[model] = parts
@@ -72,13 +74,20 @@ def head_split(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
 _SPLITS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple | None]" = weakref.WeakKeyDictionary()
 
 
-def _trained_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, trained: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """Log-probs of ``targets`` where ``trained``, 0 elsewhere: the vocabulary projection and its softmax run
-    only on the positions the loss uses (in agent trajectories most positions are prompt and tool output)."""
-    out = hidden.new_zeros(targets.shape, dtype=torch.float32)
+def _scored(model, split, inputs: dict, targets: torch.Tensor, trained: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """Log-probs of ``targets`` (position t scored by the output at t) for the forward pass ``inputs``.
+
+    Without ``split`` every position is scored from the model's logits. With it, the vocabulary projection and
+    its softmax run only where ``trained`` (in agent trajectories most positions are prompt and tool output),
+    and every other position holds 0.
+    """
+    if split is None:
+        return token_logprobs(model(**inputs).logits[:, :-1], targets, temperature)
+    decoder, head = split
+    hidden = decoder(**inputs).last_hidden_state[:, :-1]
     picked = token_logprobs(head(hidden[trained])[None], targets[trained][None], temperature)[0]
-    return out.masked_scatter(trained, picked)
+    return hidden.new_zeros(targets.shape, dtype=torch.float32).masked_scatter(trained, picked)
 
 
 def sequence_logprobs(model, batch: SequenceBatch, temperature: float, lean: bool = True) -> torch.Tensor:
@@ -91,12 +100,8 @@ def sequence_logprobs(model, batch: SequenceBatch, temperature: float, lean: boo
     split = head_split(model) if lean else None
     start, clusters = shared_start(batch) if lean else (0, [])
     if start == 0:
-        if split is None:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            return token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature)
-        hidden = split[0](input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return _trained_logprobs(split[1], hidden[:, :-1], batch.input_ids[:, 1:],
-                                 batch.loss_mask[:, 1:].bool(), temperature)
+        return _scored(model, split, dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
+                       batch.input_ids[:, 1:], batch.loss_mask[:, 1:].bool(), temperature)
     rows, length = batch.input_ids.shape
     device = batch.input_ids.device
     which = [0] * rows  # each row's cluster
@@ -117,11 +122,6 @@ def sequence_logprobs(model, batch: SequenceBatch, temperature: float, lean: boo
     positions = torch.arange(start, length, device=device).expand(rows, -1)
     inputs = dict(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
                   position_ids=positions, past_key_values=DynamicCache(layers), use_cache=True)
-    targets = batch.input_ids[:, start + 1:]
-    if split is None:
-        tail = token_logprobs(model(**inputs).logits[:, :-1], targets, temperature)
-    else:
-        hidden = split[0](**inputs).last_hidden_state
-        tail = _trained_logprobs(split[1], hidden[:, :-1], targets, batch.loss_mask[:, start + 1:].bool(),
-                                 temperature)
+    tail = _scored(model, split, inputs, batch.input_ids[:, start + 1:], batch.loss_mask[:, start + 1:].bool(),
+                   temperature)
     return torch.cat([tail.new_zeros((rows, start)), tail], dim=1)
