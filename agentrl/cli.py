@@ -136,7 +136,7 @@ def serve_controller(argv: list[str]) -> None:
     from agentrl.envs.controller import EnvController
     from agentrl.envs.controller_server import describe_workers, serve_controller as serve
     from agentrl.envs.server import DEFAULT_MAX_REQUEST_BYTES
-    from agentrl.envs.sessions import ServiceError
+    from agentrl.envs.service_errors import ServiceError
     from agentrl.envs.wire import API_VERSION
 
     parser = argparse.ArgumentParser(prog="agentrl serve-controller", epilog=SERVE_CONTROLLER_EXAMPLE,

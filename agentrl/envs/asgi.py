@@ -12,7 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from agentrl.envs.sessions import EnvService, ServiceError
+from agentrl.envs.service_errors import ServiceError
+from agentrl.envs.sessions import EnvService
 from agentrl.envs.wire import API_VERSION
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
-from agentrl.envs.sessions import ServiceError
+from agentrl.envs.service_errors import ServiceError
 from agentrl.envs.workers import Worker, WorkerPool, normalize_url
 
 log = logging.getLogger(__name__)

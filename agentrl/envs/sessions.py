@@ -11,25 +11,22 @@ failures are :class:`ServiceError` (an HTTP status, a machine-readable ``kind`` 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import random
 import threading
 import time
-import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from agentrl.envs.base import truncate
+from agentrl.envs.service_errors import ServiceError, check_step_result, env_exception, json_safe
 from agentrl.envs.wire import call_from_openai, call_to_openai, step_result_to_json, task_to_json
 from agentrl.types import Message, StepResult, Task, ToolCall
 
 log = logging.getLogger(__name__)
 MAX_TASKS_PER_REQUEST = 1000
-MAX_ERROR_CHARS = 4000
 # An inline tool call that takes longer stalled every session that long: its environment goes back to the
 # worker threads. Well above a trivial tool (microseconds) and a garbage-collector pause, well below a
 # timeout anyone would set.
@@ -37,21 +34,6 @@ INLINE_BUDGET_S = 0.02
 # Over-budget inline calls in a row that send an environment back: one can be the machine's doing (the event
 # loop's thread preempted on a busy machine, measured: a 76 ms echo at load 3), three in a row are the tool's.
 INLINE_STRIKES = 3
-
-
-class ServiceError(Exception):
-    """A request the service refuses or could not serve.
-
-    Args:
-        status: the HTTP status of the reply (4xx: the caller's mistake; 5xx: the environment or service).
-        kind: a stable, machine-readable error type (``unknown_session``, ``env_exception``, ...).
-        message: what happened, for people.
-        details: optional JSON-able extra data (a traceback, validation errors).
-    """
-
-    def __init__(self, status: int, kind: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message, self.details = status, kind, message, details
 
 
 class _CallTimeout(Exception):
@@ -74,12 +56,6 @@ class Session:
     failed: str = ""  # the environment exception that ended the episode
     stuck: asyncio.Future | None = None  # a call that timed out and still runs in a worker thread
     deleted: bool = False  # DELETE came while a step was running; that step closes the env when it ends
-
-
-def _exception_text(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-    return truncate(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS) + where
 
 
 def _close_quietly(env: Any) -> None:
@@ -185,7 +161,7 @@ class EnvService:
                 return [env.task_at(split, i) for i in range(start, stop)]
 
         tasks = await self._run_or_timeout(generate, f"generating {env_name} tasks")
-        return [_json_safe(task_to_json(task), "task") for task in tasks]
+        return [json_safe(task_to_json(task), "task") for task in tasks]
 
     async def oracle(self, env_name: str, split: str, index: int) -> dict[str, Any]:
         """The task at ``split/index`` and the environment's scripted expert calls for it (OpenAI format)."""
@@ -199,7 +175,7 @@ class EnvService:
 
         task, calls = await self._run_or_timeout(solve, f"the {env_name} oracle")
         body = {"task": task_to_json(task), "tool_calls": [call_to_openai(c, f"call_{i}") for i, c in enumerate(calls)]}
-        return _json_safe(body, "oracle reply")
+        return json_safe(body, "oracle reply")
 
     # --- sessions -----------------------------------------------------------------------------
     async def create(self, env_name: str, split: str, index: int | None = None,
@@ -222,7 +198,7 @@ class EnvService:
             env, task, messages, tools = await self._run_or_timeout(start, f"starting {env_name}")
         finally:
             self._starting -= 1
-        body = _json_safe({"task": task_to_json(task), "messages": messages, "tools": tools}, "reset reply")
+        body = json_safe({"task": task_to_json(task), "messages": messages, "tools": tools}, "reset reply")
         session = Session(uuid.uuid4().hex, env_name, env, time.monotonic())
         self.sessions[session.id] = session
         return {"session_id": session.id, "env": env_name, **body}
@@ -292,7 +268,7 @@ class EnvService:
             session.stuck = timeout.future
             message = f"tool {call.name!r} did not finish within {self.call_timeout:g} s"
             return StepResult(observation=f"Error: {message}", info={"tool_error": message, "timeout": True}), call.name
-        _check_step_result(result, session.env_name)
+        check_step_result(result, session.env_name)
         observation = truncate(result.observation, self.max_output_chars)
         return StepResult(observation, result.reward, result.done, result.info), call.name
 
@@ -349,7 +325,7 @@ class EnvService:
             raise _CallTimeout(future)
         exc = future.exception()
         if exc is not None:
-            raise _env_exception(exc)
+            raise env_exception(exc)
         return future.result()
 
     def _step_inline(self, session: Session, call: ToolCall) -> Any:
@@ -358,7 +334,7 @@ class EnvService:
         try:
             return session.env.step(call)
         except BaseException as exc:  # as in a worker thread, where concurrent.futures catches BaseException
-            raise _env_exception(exc) from None
+            raise env_exception(exc) from None
         finally:
             took, name = time.perf_counter() - started, session.env_name
             self._inline_strikes[name] = self._inline_strikes.get(name, 0) + 1 if took > INLINE_BUDGET_S else 0
@@ -372,36 +348,3 @@ class EnvService:
             return await self._run(fn)
         except _CallTimeout:
             raise ServiceError(504, "env_timeout", f"{what} did not finish within {self.call_timeout:g} s") from None
-
-
-def _env_exception(exc: BaseException) -> ServiceError:
-    """The ServiceError (500 ``env_exception``, with the traceback) for an exception an environment raised."""
-    return ServiceError(500, "env_exception", _exception_text(exc),
-                        {"exception": type(exc).__name__,
-                         "traceback": truncate("".join(traceback.format_exception(exc)), MAX_ERROR_CHARS)})
-
-
-def _check_step_result(result: Any, env_name: str) -> None:
-    """Refuse, as an ``env_exception``, a step result the client could not rebuild exactly."""
-    problem = ""
-    if not isinstance(result, StepResult):
-        problem = f"step returned {type(result).__name__}, not StepResult"
-    elif not isinstance(result.observation, str):
-        problem = f"step's observation is {type(result.observation).__name__}, not str"
-    elif result.reward is not None and not (isinstance(result.reward, (int, float)) and math.isfinite(result.reward)):
-        problem = f"step's reward {result.reward!r} is not a finite number"
-    elif not isinstance(result.info, dict):
-        problem = f"step's info is {type(result.info).__name__}, not a dict"
-    if problem:
-        raise ServiceError(500, "env_exception", f"{env_name}: {problem}")
-    _json_safe(result.info, "step info")
-
-
-def _json_safe(value: Any, what: str) -> Any:
-    """``value`` if it encodes as strict JSON, else an ``env_exception``: the environment returned something
-    the wire cannot carry (a set, an object, NaN)."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ServiceError(500, "env_exception", f"the environment's {what} is not JSON: {exc}") from None
-    return value

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from agentrl.envs.sessions import ServiceError
+from agentrl.envs.service_errors import ServiceError
 from agentrl.envs.wire import API_VERSION
 
 log = logging.getLogger(__name__)
