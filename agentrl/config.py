@@ -36,6 +36,14 @@ class EnvConfig:
     reward: str = "env_reward"  # name in the rewards table, or "module:function"
     kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments
     url: str = ""  # an `agentrl serve-env` server that runs it (name: as served there; kwargs: given to the server)
+    # Subtracted from the reward of an episode that ran out of turns or tokens, so that in GRPO running out
+    # scores below a wrong answer instead of level with it (training only; evaluation reports the env's reward).
+    truncation_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.truncation_penalty < 0:
+            raise ConfigError(f"envs[{self.name}].truncation_penalty must be >= 0 (it is subtracted from the reward), "
+                              f"got {self.truncation_penalty}")
 
 
 @dataclass

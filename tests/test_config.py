@@ -103,3 +103,23 @@ def test_a_vllm_setup_that_cannot_work_fails_before_sft(overrides, fragment):
     recipe = load_recipe(None, ["--policy.backend=vllm", "--policy.launch=true"] + overrides)
     with pytest.raises(ConfigError, match=fragment):
         check_policy_setup(recipe)
+
+
+def test_truncation_penalty_lowers_only_truncated_training_rewards():
+    import random
+
+    from agentrl.train.loop import score
+    from agentrl.train.setup import build_envs
+    from agentrl.types import Trajectory
+
+    recipe = load_recipe(None, ["--envs=[{name: calculator, truncation_penalty: 0.5}, {name: lookup}]"])
+    suite = build_envs(recipe)
+    calc = suite.prototypes["calculator"].make_task(random.Random(0), "train", 0)
+    look = suite.prototypes["lookup"].make_task(random.Random(0), "train", 0)
+    trajs = [Trajectory(calc, 0, reward=1.0, status="ok"), Trajectory(calc, 0, reward=0.0, status="truncated"),
+             Trajectory(look, 1, reward=0.0, status="truncated"), Trajectory(calc, 0, status="env_error")]
+    score(trajs, suite)
+    assert [t.reward for t in trajs] == [1.0, -0.5, 0.0, 0.0]  # lookup has no penalty; env errors are unscored
+    assert trajs[3].status == "env_error"
+    with pytest.raises(ConfigError, match=r"envs\[calculator\].truncation_penalty must be >= 0"):
+        load_recipe(None, ["--envs=[{name: calculator, truncation_penalty: -1}]"])

@@ -42,7 +42,8 @@ from agentrl.types import Task, Trajectory
 
 
 def score(trajectories: list[Trajectory], suite: EnvSuite) -> None:
-    """Apply each task's reward function; a reward that raises marks the episode as an error."""
+    """Apply each task's reward function, less the environment's truncation penalty for an episode that ran
+    out of turns or tokens; a reward that raises marks the episode as an error."""
     for traj in trajectories:
         if not traj.scored:
             continue
@@ -50,6 +51,9 @@ def score(trajectories: list[Trajectory], suite: EnvSuite) -> None:
             traj.reward = float(suite.rewards[traj.task.env](traj, traj.task))
         except Exception as exc:  # the episode boundary: recorded, excluded, counted
             traj.status, traj.error = "env_error", f"reward failed: {type(exc).__name__}: {exc}"
+            continue
+        if traj.status == "truncated":
+            traj.reward -= suite.truncation_penalties.get(traj.task.env, 0.0)
 
 
 class StepPlanner:

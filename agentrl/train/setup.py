@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,6 +71,7 @@ class EnvSuite:
     rewards: dict[str, Callable]
     weights: dict[str, float]
     prototypes: dict[str, Any]  # one instance each, for task generation
+    truncation_penalties: dict[str, float] = field(default_factory=dict)  # by name; absent means 0.0
 
     def make(self, name: str):
         return self.factories[name]()
@@ -79,7 +80,7 @@ class EnvSuite:
 def build_envs(recipe: Recipe) -> EnvSuite:
     from rewards import REWARDS
 
-    factories, rewards, weights, prototypes = {}, {}, {}, {}
+    factories, rewards, weights, prototypes, penalties = {}, {}, {}, {}, {}
     for spec in recipe.envs:
         env, factory = env_factory(spec.name, spec.kwargs, spec.url)
         name = env.name
@@ -89,4 +90,5 @@ def build_envs(recipe: Recipe) -> EnvSuite:
         rewards[name] = resolve(spec.reward, REWARDS, "reward")
         weights[name] = spec.weight
         prototypes[name] = env
-    return EnvSuite(factories, rewards, weights, prototypes)
+        penalties[name] = spec.truncation_penalty
+    return EnvSuite(factories, rewards, weights, prototypes, penalties)
