@@ -102,10 +102,11 @@ def test_sampling_with_the_adapter_merged_matches_the_unmerged_model(model):
     prompts = prompts_with_structure()
     base = {name: (p, p.detach().clone()) for name, p in model.named_parameters() if "base_layer" in name}
     unmerged = sample(model, prompts, 10, 0.0, eos_id=VOCAB + 1, pad_id=PAD)
-    with merged_lora(model):
+    with merged_lora(model) as plain:
+        assert plain  # every projection is now a plain linear: the written-out decode step applies
         q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
         assert not torch.equal(q_proj.base_layer.weight, base[next(n for n in base if "q_proj" in n)][1])
-        merged = sample(model, prompts, 10, 0.0, eos_id=VOCAB + 1, pad_id=PAD)
+        merged = sample(model, prompts, 10, 0.0, eos_id=VOCAB + 1, pad_id=PAD, plain_weights=plain)
     assert [s.ids for s in merged] == [s.ids for s in unmerged]
     for a, b in zip(merged, unmerged):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
@@ -122,8 +123,9 @@ def test_an_adapter_variant_is_sampled_unmerged():
     dora = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     weight = dora.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     before = weight.data_ptr()
-    with merged_lora(dora):
+    with merged_lora(dora) as plain:
         assert weight.data_ptr() == before  # DoRA's update is not a plain W + BA: left to peft
+        assert not plain  # and the decode step must go through peft's forward
 
 
 def test_repeated_prompts_get_independent_samples(model):

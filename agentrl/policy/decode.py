@@ -8,7 +8,9 @@ the question. ``transformers``' ``generate`` recomputes all of it for every row.
 2. puts distinct prompts that share a long opening into one cluster, computes the cluster's common prefix
    once (batch of one) and copies its keys and values into every member's cache;
 3. runs only what is left of each prompt as one left-padded batch, then decodes token by token with a
-   plain loop, dropping rows from the batch as they finish.
+   plain loop, dropping rows from the batch as they finish. For Qwen2 models each decode step is the written-out
+   step of :mod:`agentrl.policy.qwen2_step` (checked against the model's forward), which skips the Python
+   overhead of the module forward that dominates a step of a few rows on CPU.
 
 Rows keep the left-padded layout ``generate`` uses (padding first, then the prompt, then the completion),
 and the cache is the full-length layout of every layer, so masks, rotary positions and sliding windows see
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from agentrl.policy.qwen2_step import qwen2_step
 
 # Distinct prompts share a cached prefix only if it is at least this long: shorter ones are cheaper to recompute
 # than to copy around.
@@ -194,9 +198,14 @@ def _decode_layers(cache: DynamicCache, config, room: int) -> None:
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, eos_id: int,
-           pad_id: int) -> list[Sampled]:
-    """Sample one completion per prompt (``temperature <= 0``: greedy) with the logprobs it was sampled with."""
+           pad_id: int, plain_weights: bool = False) -> list[Sampled]:
+    """Sample one completion per prompt (``temperature <= 0``: greedy) with the logprobs it was sampled with.
+
+    ``plain_weights``: every projection of ``model`` is a plain linear (no peft, or LoRA folded by
+    ``merged_lora``), so decode steps may use :class:`~agentrl.policy.qwen2_step.Qwen2Step` where it applies.
+    """
     device = next(model.parameters()).device
+    step_fn = qwen2_step(model) if plain_weights else None
     distinct: dict[tuple[int, ...], int] = {}
     owner = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     logits, cache, mask = _prefill(model, [list(p) for p in distinct], pad_id, device)
@@ -233,6 +242,9 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
             cache.batch_select_indices(keep)
             live, token, mask, next_position = live[keep], token[keep], mask[keep], next_position[keep]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-        logits, cache = _forward(model, token[:, None], mask, next_position[:, None], cache)
+        if step_fn is not None:
+            logits = step_fn(token, next_position, mask, cache)
+        else:
+            logits, cache = _forward(model, token[:, None], mask, next_position[:, None], cache)
         next_position = next_position + 1
     return [Sampled(ids[row], logprobs[row], finished[row]) for row in range(n)]

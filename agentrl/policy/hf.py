@@ -30,18 +30,24 @@ def _mergeable(layer: LoraLinear) -> bool:
 
 
 @contextlib.contextmanager
-def merged_lora(model) -> Iterator[None]:
+def merged_lora(model) -> Iterator[bool]:
     """Run ``model`` with each LoRA linear's update folded into its weight, ``W + scale * B @ A``.
 
     Decoding calls every projection once per token, and the unmerged adapter adds two small matmuls, a scale
     and an add to each. Merged, sampling is one matmul per projection. The base weights are not modified: each
     layer's weight is pointed at a merged copy and back, so no rounding accumulates across steps. The result
     equals the unmerged model's up to float rounding (the trainer's importance ratio absorbs that).
-    Anything else (no peft model, DoRA, quantised layers) runs unchanged.
+    Anything else (DoRA, quantised layers) runs unchanged.
+
+    Yields whether every projection is now a plain linear (a model without peft, or every LoRA layer folded):
+    the condition for :mod:`agentrl.policy.qwen2_step`'s decode step.
     """
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear)] if isinstance(model, PeftModel) else []
+    if not isinstance(model, PeftModel):
+        yield True
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     if not layers or not all(_mergeable(layer) for layer in layers):
-        yield
+        yield False
         return
     swapped = []
     try:
@@ -55,7 +61,7 @@ def merged_lora(model) -> Iterator[None]:
                 swapped.append((weight, weight.data))
                 weight.data = merged
         with model.disable_adapter():
-            yield
+            yield True
     finally:
         for weight, data in swapped:
             weight.data = data
@@ -169,9 +175,9 @@ class HFPolicy:
         was_training = self.model.training
         self.model.eval()
         try:
-            with merged_lora(self.model):
+            with merged_lora(self.model) as plain:
                 out = sample(self.model, prompts, sampling.max_new_tokens, sampling.temperature, self.eos_id,
-                             self.pad_id)
+                             self.pad_id, plain_weights=plain)
         finally:
             self.model.train(was_training)
         return [Generation(ids=s.ids, logprobs=s.logprobs, version=self.version, finished=s.finished) for s in out]
