@@ -64,6 +64,9 @@ class SFTConfig:
     stop_at_accuracy: float = 0.0
     eval_every: int = 25
     eval_examples: int = 32
+    # Environments whose oracle traces join the warm start's data only: GRPO and evaluation use `envs`. A broader
+    # mix can teach a from-scratch model skills (reading, copying) that `envs` alone do not within the budget.
+    extra_envs: list[EnvConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from agentrl.config import load_recipe
+from agentrl.config import ConfigError, load_recipe
 from agentrl.train.setup import build_envs
 from agentrl.train.prefix import head_split
 from agentrl.train.sft import _LEAN_INPUTS, _trainer_class, oracle_dataset
@@ -148,3 +148,22 @@ def test_oracle_traces_of_a_blocking_environment_keep_task_order_when_played_at_
     assert at_once == one_by_one
     prompts = [row["messages"][1]["content"] for row in at_once[:12]]
     assert prompts == [task.prompt for task in suite.prototypes["os"].tasks("train", 12)]
+
+
+def test_extra_sft_environments_join_the_warm_start_only(micro_model_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from agentrl.train.loop import prepare_model
+    from agentrl.train.sft import DONE_MARKER
+
+    recipe = _sft_recipe(tmp_path, micro_model_dir, "--model.build=null", f"--train.output_dir={tmp_path / 'run'}",
+                         "--sft.extra_envs=[{name: kg, kwargs: {relations_tool: false}}]")
+    suite = build_envs(recipe)
+    assert set(suite.prototypes) == {"calculator", "lookup"}  # what GRPO trains and evaluation scores
+    prepare_model(recipe, suite, Accelerator(cpu=True))
+    summary = json.loads((tmp_path / "run" / "sft" / DONE_MARKER).read_text())
+    assert summary["examples"] == 12  # 4 oracle traces from each of the three environments
+    assert set(summary["settings"]["envs"]) == {"calculator", "lookup", "kg"}
+    assert "relations_tool=False" in summary["settings"]["envs"]["kg"]
+    with pytest.raises(ConfigError, match=r"sft\.extra_envs\[0\]\.wieght"):
+        load_recipe(None, ["--sft.extra_envs=[{name: kg, wieght: 2}]"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import shutil
 import time
 from collections import defaultdict
@@ -176,13 +177,18 @@ def evaluate_policy(policy, chat: ChatFormat, suite: EnvSuite, recipe: Recipe, a
 
 
 def prepare_model(recipe: Recipe, suite: EnvSuite, accelerator: Accelerator):
-    """Base model (built if missing) → SFT warm start (if enabled) → fresh LoRA adapter."""
+    """Base model (built if missing) → SFT warm start (if enabled) → fresh LoRA adapter.
+
+    The warm start plays the oracle on ``envs`` and on ``sft.extra_envs``; a built tokenizer learns from both.
+    """
     output = Path(recipe.train.output_dir)
+    sft_envs = [*recipe.envs, *(recipe.sft.extra_envs if recipe.sft.enabled else [])]
     with accelerator.main_process_first():
-        base = ensure_base_model(recipe.model, sorted({env.name for env in recipe.envs}))
+        base = ensure_base_model(recipe.model, sorted({env.name for env in sft_envs}))
     start = base
     if recipe.sft.enabled:
-        start = run_sft(base, output / "sft", suite, recipe.sft, recipe.train.seed)
+        sft_suite = build_envs(dataclasses.replace(recipe, envs=sft_envs)) if recipe.sft.extra_envs else suite
+        start = run_sft(base, output / "sft", sft_suite, recipe.sft, recipe.train.seed)
     model, tokenizer = load_model(start)
     return add_lora(model, recipe.lora), tokenizer, start
 
