@@ -26,7 +26,8 @@ def test_sft_then_grpo_then_eval(micro_model_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert json.loads((out / "sft" / "sft_done.json").read_text())["examples"] == 32
+    # 16 oracle traces from each of the recipe's 2 environments and its 5 SFT-only ones
+    assert json.loads((out / "sft" / "sft_done.json").read_text())["examples"] == 16 * 7
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert "held-out success after RL" in proc.stdout
     results = eval_main(["--model", "hf", "--model_args", f"pretrained={out / 'sft'},adapter={out / 'adapter'}",
