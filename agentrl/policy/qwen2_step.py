@@ -133,7 +133,9 @@ def _probe(model: nn.Module, step: Qwen2Step) -> float:
 
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     device = next(model.parameters()).device
-    length = (getattr(config, "sliding_window", None) or 16) + 8
+    # Past the window when some layer slides, so the probe covers a sliding layer's trimmed cache.
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    length = (config.sliding_window if sliding and config.sliding_window else 16) + 8
     gen = torch.Generator().manual_seed(0)
     vocab = config.vocab_size
     prompts = [torch.randint(3, vocab, (length,), generator=gen).tolist(),
