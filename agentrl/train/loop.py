@@ -179,10 +179,11 @@ def evaluate_policy(policy, chat: ChatFormat, suite: EnvSuite, recipe: Recipe, a
 def prepare_model(recipe: Recipe, suite: EnvSuite, accelerator: Accelerator):
     """Base model (built if missing) → SFT warm start (if enabled) → fresh LoRA adapter.
 
-    The warm start plays the oracle on ``envs`` and on ``sft.extra_envs``; a built tokenizer learns from both.
+    The warm start plays the oracle on ``envs`` and on ``sft.extra_envs``; a built tokenizer learns from both
+    (also with SFT off, so that the recipe names one tiny model either way).
     """
     output = Path(recipe.train.output_dir)
-    sft_envs = [*recipe.envs, *(recipe.sft.extra_envs if recipe.sft.enabled else [])]
+    sft_envs = [*recipe.envs, *recipe.sft.extra_envs]
     with accelerator.main_process_first():
         base = ensure_base_model(recipe.model, sorted({env.name for env in sft_envs}))
     start = base
