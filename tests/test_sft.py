@@ -165,5 +165,8 @@ def test_extra_sft_environments_join_the_warm_start_only(micro_model_dir, tmp_pa
     assert summary["examples"] == 12  # 4 oracle traces from each of the three environments
     assert set(summary["settings"]["envs"]) == {"calculator", "lookup", "kg"}
     assert "relations_tool=False" in summary["settings"]["envs"]["kg"]
+    with pytest.raises(ValueError, match="'lookup' appears twice"):  # an extra environment GRPO also trains
+        prepare_model(load_recipe(None, [f"--model.path={micro_model_dir}", "--model.build=null",
+                                         "--sft.extra_envs=[{name: lookup}]"]), suite, Accelerator(cpu=True))
     with pytest.raises(ConfigError, match=r"sft\.extra_envs\[0\]\.wieght"):
         load_recipe(None, ["--sft.extra_envs=[{name: kg, wieght: 2}]"])

@@ -32,6 +32,11 @@ PROBE_TOLERANCE = 1e-4  # max |logit difference| against the transformers forwar
 _verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> passed the probe (bool)
 
 
+def _causal(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a peft wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _linear(module: nn.Module) -> nn.Linear | None:
     """The ``nn.Linear`` a projection computes with: itself, or a folded LoRA layer's base layer."""
     if isinstance(module, nn.Linear):
@@ -61,7 +66,7 @@ class Qwen2Step:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal = _causal(model)
         inner = causal.model
         config = causal.config
         self.embed = inner.embed_tokens.weight
@@ -81,7 +86,7 @@ class Qwen2Step:
     @staticmethod
     def supports(model: nn.Module) -> bool:
         """Whether the model has the architecture this step writes out (the probe still has to pass)."""
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal = _causal(model)
         config = getattr(causal, "config", None)
         if config is None or getattr(config, "model_type", None) != "qwen2" or config.hidden_act != "silu":
             return False
@@ -131,7 +136,7 @@ def _probe(model: nn.Module, step: Qwen2Step) -> float:
     """Largest relative logit difference between ``step`` and the model's forward over two decode steps."""
     from agentrl.policy.decode import _decode_layers, _forward, _prefill
 
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    config = _causal(model).config
     device = next(model.parameters()).device
     # Past the window when some layer slides, so the probe covers a sliding layer's trimmed cache.
     sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
@@ -162,21 +167,22 @@ def qwen2_step(model: nn.Module) -> Qwen2Step | None:
     Call it only while the model's projections are what ``Qwen2Step`` reads: plain linears, or LoRA layers
     folded by ``merged_lora``.
     """
-    if not Qwen2Step.supports(model):
-        return None
-    step = Qwen2Step(model)
     verdict = _verdicts.get(model)
     if verdict is None:
-        try:
-            with torch.no_grad():
-                worst = _probe(model, step)
-        except Exception as exc:  # an unexpected layout: keep the transformers forward
-            logger.warning("decode fast path disabled for this model: its probe raised %s: %s",
-                           type(exc).__name__, exc)
-            worst = float("inf")
-        verdict = worst <= PROBE_TOLERANCE
-        if not verdict and worst != float("inf"):
-            logger.warning("decode fast path disabled for this model: logits differ from its forward by %.2g "
-                           "(tolerance %.0g)", worst, PROBE_TOLERANCE)
+        verdict = Qwen2Step.supports(model) and _passes_probe(model)
         _verdicts[model] = verdict
-    return step if verdict else None
+    return Qwen2Step(model) if verdict else None
+
+
+def _passes_probe(model: nn.Module) -> bool:
+    try:
+        with torch.no_grad():
+            worst = _probe(model, Qwen2Step(model))
+    except Exception as exc:  # an unexpected layout: keep the transformers forward
+        logger.warning("decode fast path disabled for this model: its probe raised %s: %s", type(exc).__name__, exc)
+        return False
+    if worst > PROBE_TOLERANCE:
+        logger.warning("decode fast path disabled for this model: logits differ from its forward by %.2g "
+                       "(tolerance %.0g)", worst, PROBE_TOLERANCE)
+        return False
+    return True

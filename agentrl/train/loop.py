@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import shutil
 import time
 from collections import defaultdict
@@ -36,7 +35,7 @@ from agentrl.rollout.sampler import TaskSampler
 from agentrl.train.batch import collate
 from agentrl.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from agentrl.train.metrics import MetricsLogger
-from agentrl.train.setup import EnvSuite, add_lora, build_envs, ensure_base_model, load_model
+from agentrl.train.setup import EnvSuite, add_envs, add_lora, build_envs, ensure_base_model, load_model
 from agentrl.train.sft import run_sft
 from agentrl.train.update import param_sync_gap, policy_update
 from agentrl.types import Task, Trajectory
@@ -188,8 +187,7 @@ def prepare_model(recipe: Recipe, suite: EnvSuite, accelerator: Accelerator):
         base = ensure_base_model(recipe.model, sorted({env.name for env in sft_envs}))
     start = base
     if recipe.sft.enabled:
-        sft_suite = build_envs(dataclasses.replace(recipe, envs=sft_envs)) if recipe.sft.extra_envs else suite
-        start = run_sft(base, output / "sft", sft_suite, recipe.sft, recipe.train.seed)
+        start = run_sft(base, output / "sft", add_envs(suite, recipe.sft.extra_envs), recipe.sft, recipe.train.seed)
     model, tokenizer = load_model(start)
     return add_lora(model, recipe.lora), tokenizer, start
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agentrl.config import LoRAConfig, ModelConfig, Recipe
+from agentrl.config import EnvConfig, LoRAConfig, ModelConfig, Recipe
 from agentrl.envs import env_factory
 from agentrl.resolve import resolve
 
@@ -78,17 +78,23 @@ class EnvSuite:
 
 
 def build_envs(recipe: Recipe) -> EnvSuite:
+    return add_envs(EnvSuite({}, {}, {}, {}), recipe.envs)
+
+
+def add_envs(suite: EnvSuite, specs: list[EnvConfig]) -> EnvSuite:
+    """A copy of ``suite`` with the environments of ``specs`` added; a name already in it is an error."""
     from rewards import REWARDS
 
-    factories, rewards, weights, prototypes, penalties = {}, {}, {}, {}, {}
-    for spec in recipe.envs:
+    out = EnvSuite(dict(suite.factories), dict(suite.rewards), dict(suite.weights), dict(suite.prototypes),
+                   dict(suite.truncation_penalties))
+    for spec in specs:
         env, factory = env_factory(spec.name, spec.kwargs, spec.url)
         name = env.name
-        if name in factories:
+        if name in out.factories:
             raise ValueError(f"environment {name!r} appears twice in the recipe")
-        factories[name] = factory
-        rewards[name] = resolve(spec.reward, REWARDS, "reward")
-        weights[name] = spec.weight
-        prototypes[name] = env
-        penalties[name] = spec.truncation_penalty
-    return EnvSuite(factories, rewards, weights, prototypes, penalties)
+        out.factories[name] = factory
+        out.rewards[name] = resolve(spec.reward, REWARDS, "reward")
+        out.weights[name] = spec.weight
+        out.prototypes[name] = env
+        out.truncation_penalties[name] = spec.truncation_penalty
+    return out
