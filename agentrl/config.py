@@ -39,8 +39,14 @@ class EnvConfig:
     # Subtracted from the reward of an episode that ran out of turns or tokens, so that in GRPO running out
     # scores below a wrong answer instead of level with it (training only; evaluation reports the env's reward).
     truncation_penalty: float = 0.0
+    # Oracle traces of this environment in the SFT warm start; None: sft.examples_per_env. Lets a recipe give the
+    # environments a from-scratch model finds hard a larger share of SFT steps than those it learns at once.
+    sft_examples: int | None = None
 
     def __post_init__(self) -> None:
+        if self.sft_examples is not None and self.sft_examples < 0:
+            raise ConfigError(f"envs[{self.name}].sft_examples must be >= 0 (0 leaves it out of SFT), "
+                              f"got {self.sft_examples}")
         if self.truncation_penalty < 0:
             raise ConfigError(f"envs[{self.name}].truncation_penalty must be >= 0 (it is subtracted from the reward), "
                               f"got {self.truncation_penalty}")

@@ -170,3 +170,30 @@ def test_extra_sft_environments_join_the_warm_start_only(micro_model_dir, tmp_pa
                                          "--sft.extra_envs=[{name: lookup}]"]), suite, Accelerator(cpu=True))
     with pytest.raises(ConfigError, match=r"sft\.extra_envs\[0\]\.wieght"):
         load_recipe(None, ["--sft.extra_envs=[{name: kg, wieght: 2}]"])
+
+
+def test_an_environment_can_set_its_own_number_of_sft_traces(micro_model_dir, tmp_path):
+    from agentrl.train.sft import DONE_MARKER, run_sft, sft_examples, validation_sets
+
+    recipe = _sft_recipe(tmp_path, micro_model_dir, "--envs=[{name: calculator, sft_examples: 1}, {name: lookup}]")
+    suite = build_envs(recipe)
+    assert sft_examples(suite, recipe.sft) == {"calculator": 1, "lookup": 4}
+    data = oracle_dataset(suite, sft_examples(suite, recipe.sft)).to_list()
+    prompts = [row["messages"][1]["content"] for row in data]
+    assert prompts == [t.prompt for t in suite.prototypes["calculator"].tasks("train", 1)] + \
+        [t.prompt for t in suite.prototypes["lookup"].tasks("train", 4)]
+    # held-out episodes start right after each environment's own share of the train split
+    held_out = validation_sets(suite, recipe.sft)
+    assert held_out["calculator"][0]["messages"][1]["content"] == \
+        suite.prototypes["calculator"].tasks("train", 1, start=1)[0].prompt
+    run_sft(micro_model_dir, tmp_path / "sft", suite, recipe.sft, 0)
+    summary = json.loads((tmp_path / "sft" / DONE_MARKER).read_text())
+    assert summary["examples"] == 5 and summary["settings"]["sft_examples"] == {"calculator": 1}
+    with pytest.raises(RuntimeError, match=r"sft_examples.calculator: 1 -> 2"):  # the saved model is not reused
+        other = _sft_recipe(tmp_path, micro_model_dir, "--envs=[{name: calculator, sft_examples: 2}, {name: lookup}]")
+        run_sft(micro_model_dir, tmp_path / "sft", build_envs(other), other.sft, 0)
+    none = _sft_recipe(tmp_path, micro_model_dir, "--envs=[{name: calculator, sft_examples: 0}]")
+    with pytest.raises(ConfigError, match="SFT has no oracle traces"):
+        run_sft(micro_model_dir, tmp_path / "none", build_envs(none), none.sft, 0)
+    with pytest.raises(ConfigError, match=r"envs\[lookup\].sft_examples must be >= 0"):
+        load_recipe(None, ["--envs=[{name: lookup, sft_examples: -1}]"])

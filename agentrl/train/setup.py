@@ -72,6 +72,7 @@ class EnvSuite:
     weights: dict[str, float]
     prototypes: dict[str, Any]  # one instance each, for task generation
     truncation_penalties: dict[str, float] = field(default_factory=dict)  # by name; absent means 0.0
+    sft_examples: dict[str, int] = field(default_factory=dict)  # by name; absent means sft.examples_per_env
 
     def make(self, name: str):
         return self.factories[name]()
@@ -86,7 +87,7 @@ def add_envs(suite: EnvSuite, specs: list[EnvConfig]) -> EnvSuite:
     from rewards import REWARDS
 
     out = EnvSuite(dict(suite.factories), dict(suite.rewards), dict(suite.weights), dict(suite.prototypes),
-                   dict(suite.truncation_penalties))
+                   dict(suite.truncation_penalties), dict(suite.sft_examples))
     for spec in specs:
         env, factory = env_factory(spec.name, spec.kwargs, spec.url)
         name = env.name
@@ -97,4 +98,6 @@ def add_envs(suite: EnvSuite, specs: list[EnvConfig]) -> EnvSuite:
         out.weights[name] = spec.weight
         out.prototypes[name] = env
         out.truncation_penalties[name] = spec.truncation_penalty
+        if spec.sft_examples is not None:
+            out.sft_examples[name] = spec.sft_examples
     return out

@@ -25,16 +25,21 @@ DONE_MARKER = "sft_done.json"
 ORACLE_THREADS = 4  # episodes of a blocking environment played at once while building the SFT set
 
 
-def oracle_dataset(suite: EnvSuite, examples_per_env: int, start: int = 0,
+def oracle_dataset(suite: EnvSuite, examples_per_env: int | dict[str, int], start: int | dict[str, int] = 0,
                    envs: list[str] | None = None, progress: bool = False) -> Dataset:
-    """Oracle conversations from train-split tasks ``start .. start+examples_per_env``; every one must succeed."""
+    """Oracle conversations from train-split tasks ``start .. start+examples_per_env``; every one must succeed.
+
+    ``examples_per_env`` and ``start`` are one number for every environment or a number per name.
+    """
     names = envs or list(suite.prototypes)
+    counts = _per_env(examples_per_env, names)
+    starts = _per_env(start, names)
     rows = []
-    with tqdm(total=len(names) * examples_per_env, desc="oracle traces", disable=not progress) as bar, \
+    with tqdm(total=sum(counts.values()), desc="oracle traces", disable=not progress) as bar, \
             ThreadPoolExecutor(ORACLE_THREADS) as pool:
         for name in names:
             bar.set_postfix_str(name)
-            tasks = suite.prototypes[name].tasks("train", examples_per_env, start=start)
+            tasks = suite.prototypes[name].tasks("train", counts[name], start=starts[name]) if counts[name] else []
 
             def play(task, name=name):
                 return oracle_conversation(suite.make(name), task)
@@ -51,6 +56,15 @@ def oracle_dataset(suite: EnvSuite, examples_per_env: int, start: int = 0,
     # schemas of different environments and add null-valued keys to every tool call.
     features = Features({"messages": List(Json()), "tools": Json()})
     return Dataset.from_list(rows, features=features)
+
+
+def _per_env(value: int | dict[str, int], names: list[str]) -> dict[str, int]:
+    return {name: value[name] for name in names} if isinstance(value, dict) else dict.fromkeys(names, value)
+
+
+def sft_examples(suite: EnvSuite, config: SFTConfig) -> dict[str, int]:
+    """Oracle traces per environment in the warm start: ``envs.N.sft_examples``, else ``sft.examples_per_env``."""
+    return {name: suite.sft_examples.get(name, config.examples_per_env) for name in suite.prototypes}
 
 
 def check_early_stop(config: SFTConfig) -> None:
@@ -116,7 +130,8 @@ class EarlyStopOnOracleAccuracy(TrainerCallback):
 
 def validation_sets(suite: EnvSuite, config: SFTConfig) -> dict[str, Dataset]:
     """Held-out oracle episodes per environment: the train-split tasks right after the SFT data's."""
-    return {name: oracle_dataset(suite, config.eval_examples, start=config.examples_per_env, envs=[name])
+    starts = sft_examples(suite, config)
+    return {name: oracle_dataset(suite, config.eval_examples, start=starts[name], envs=[name])
             for name in suite.prototypes}
 
 
@@ -224,8 +239,14 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
     """
     check_scheduler(config)
     check_early_stop(config)
+    counts = sft_examples(suite, config)
+    if not any(counts.values()):
+        raise ConfigError("SFT has no oracle traces: every environment's sft_examples (or sft.examples_per_env) "
+                          "is 0. Set sft.enabled: false to skip the warm start.")
     settings = {"sft": dataclasses.asdict(config), "base": str(base_dir), "seed": seed,
                 "envs": {name: env.task_version for name, env in suite.prototypes.items()}}
+    if suite.sft_examples:  # only when some environment sets its own count, so older SFT models still match
+        settings["sft_examples"] = dict(suite.sft_examples)
     if (output_dir / DONE_MARKER).exists():
         check_same_settings(output_dir, settings)
         return output_dir
@@ -235,8 +256,7 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32")
-    dataset = oracle_dataset(suite, config.examples_per_env,
-                             progress=PartialState().is_main_process).shuffle(seed=seed)
+    dataset = oracle_dataset(suite, counts, progress=PartialState().is_main_process).shuffle(seed=seed)
     args = TrlSFTConfig(
         output_dir=str(output_dir / "trainer"), assistant_only_loss=True, max_length=config.max_length,
         per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
