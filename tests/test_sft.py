@@ -192,6 +192,10 @@ def test_an_environment_can_set_its_own_number_of_sft_traces(micro_model_dir, tm
     with pytest.raises(RuntimeError, match=r"sft_examples.calculator: 1 -> 2"):  # the saved model is not reused
         other = _sft_recipe(tmp_path, micro_model_dir, "--envs=[{name: calculator, sft_examples: 2}, {name: lookup}]")
         run_sft(micro_model_dir, tmp_path / "sft", build_envs(other), other.sft, 0)
+    skipped = build_envs(_sft_recipe(tmp_path, micro_model_dir,
+                                     "--envs=[{name: calculator, sft_examples: 0}, {name: lookup}]"))
+    assert sft_examples(skipped, recipe.sft) == {"calculator": 0, "lookup": 4}
+    assert list(validation_sets(skipped, recipe.sft)) == ["lookup"]  # early stop waits on trained envs only
     none = _sft_recipe(tmp_path, micro_model_dir, "--envs=[{name: calculator, sft_examples: 0}]")
     with pytest.raises(ConfigError, match="SFT has no oracle traces"):
         run_sft(micro_model_dir, tmp_path / "none", build_envs(none), none.sft, 0)

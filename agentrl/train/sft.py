@@ -129,10 +129,14 @@ class EarlyStopOnOracleAccuracy(TrainerCallback):
 
 
 def validation_sets(suite: EnvSuite, config: SFTConfig) -> dict[str, Dataset]:
-    """Held-out oracle episodes per environment: the train-split tasks right after the SFT data's."""
+    """Held-out oracle episodes per environment: the train-split tasks right after the SFT data's.
+
+    An environment left out of SFT (``sft_examples: 0``) is not checked: early stopping waits only on
+    the environments the warm start trains.
+    """
     starts = sft_examples(suite, config)
     return {name: oracle_dataset(suite, config.eval_examples, start=starts[name], envs=[name])
-            for name in suite.prototypes}
+            for name in suite.prototypes if starts[name]}
 
 
 def collated_batches(trainer, name: str, batch_size: int) -> list[dict]:
