@@ -189,9 +189,13 @@ def test_an_environment_can_set_its_own_number_of_sft_traces(micro_model_dir, tm
     run_sft(micro_model_dir, tmp_path / "sft", suite, recipe.sft, 0)
     summary = json.loads((tmp_path / "sft" / DONE_MARKER).read_text())
     assert summary["examples"] == 5 and summary["settings"]["sft_examples"] == {"calculator": 1}
+    other = _sft_recipe(tmp_path, micro_model_dir, "--envs=[{name: calculator, sft_examples: 2}, {name: lookup}]")
     with pytest.raises(RuntimeError, match=r"sft_examples.calculator: 1 -> 2"):  # the saved model is not reused
-        other = _sft_recipe(tmp_path, micro_model_dir, "--envs=[{name: calculator, sft_examples: 2}, {name: lookup}]")
         run_sft(micro_model_dir, tmp_path / "sft", build_envs(other), other.sft, 0)
+    # a count equal to sft.examples_per_env trains what the plain recipe trains, and is recorded as it is
+    same = _sft_recipe(tmp_path, micro_model_dir, "--envs=[{name: calculator, sft_examples: 4}, {name: lookup}]")
+    run_sft(micro_model_dir, tmp_path / "same", build_envs(same), same.sft, 0)
+    assert "sft_examples" not in json.loads((tmp_path / "same" / DONE_MARKER).read_text())["settings"]
     skipped = build_envs(_sft_recipe(tmp_path, micro_model_dir,
                                      "--envs=[{name: calculator, sft_examples: 0}, {name: lookup}]"))
     assert sft_examples(skipped, recipe.sft) == {"calculator": 0, "lookup": 4}

@@ -249,8 +249,10 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
                           "is 0. Set sft.enabled: false to skip the warm start.")
     settings = {"sft": dataclasses.asdict(config), "base": str(base_dir), "seed": seed,
                 "envs": {name: env.task_version for name, env in suite.prototypes.items()}}
-    if suite.sft_examples:  # only when some environment sets its own count, so older SFT models still match
-        settings["sft_examples"] = dict(suite.sft_examples)
+    # Counts other than sft.examples_per_env (already in the record); none: no key, so older SFT models match.
+    own_counts = {name: count for name, count in counts.items() if count != config.examples_per_env}
+    if own_counts:
+        settings["sft_examples"] = own_counts
     if (output_dir / DONE_MARKER).exists():
         check_same_settings(output_dir, settings)
         return output_dir
