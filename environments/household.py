@@ -46,7 +46,11 @@ TEMPLATES = {"place": "Put the {obj} {prep} the {place}.", "clean": "Put a clean
              "heat": "Heat the {obj} and put it {prep} the {place}.",
              "cool": "Cool the {obj} and put it {prep} the {place}.", "two": "Put two {obj} items {prep} the {place}."}
 DEFAULTS = {"kinds": tuple(KINDS), "objects": 6, "closed": True, "auto_walk": False, "show_room": False,
-            "max_actions": 30}
+            "max_actions": 30, "take_place": True}
+# For a tiny model trained from scratch: every argument of every call is a word of the goal sentence
+# (docs/envs/household.md, "Arguments and the easy preset").
+EASY = {"kinds": ("place", "clean", "heat", "cool"), "objects": 2, "closed": False, "auto_walk": True,
+        "show_room": True, "max_actions": 6, "take_place": False}
 MAX_DRAWS = 1000
 
 
@@ -129,6 +133,9 @@ class HouseholdEnv(ToolEnvironment):
         show_room: the prompt describes the room as ``look`` would, and there is no ``look`` tool (shorter
             episodes for small models: where the object is is read from the prompt).
         max_actions: tool calls (bad ones included) before the episode ends with partial credit.
+        take_place: ``take`` names the place to take the object from. With false it names only the object
+            and walks to one in sight (needs ``auto_walk``): the model no longer reads where the object is,
+            and copies every argument from the goal sentence.
     """
 
     name = "household"
@@ -137,7 +144,8 @@ class HouseholdEnv(ToolEnvironment):
 
     def __init__(self, kinds: tuple[str, ...] = DEFAULTS["kinds"], objects: int = DEFAULTS["objects"],
                  closed: bool = DEFAULTS["closed"], auto_walk: bool = DEFAULTS["auto_walk"],
-                 show_room: bool = DEFAULTS["show_room"], max_actions: int = DEFAULTS["max_actions"]) -> None:
+                 show_room: bool = DEFAULTS["show_room"], max_actions: int = DEFAULTS["max_actions"],
+                 take_place: bool = DEFAULTS["take_place"]) -> None:
         kinds = tuple(kinds)  # configs may pass a list
         if not kinds or not set(kinds) <= set(KINDS):
             raise ValueError(f"kinds must be a non-empty subset of {tuple(KINDS)}, got {kinds}")
@@ -145,15 +153,22 @@ class HouseholdEnv(ToolEnvironment):
             raise ValueError(f"objects must be in 0..{len(TYPES) - 1}, got {objects}")
         if max_actions < 1:
             raise ValueError(f"max_actions must be >= 1, got {max_actions}")
+        if not take_place and not auto_walk:
+            raise ValueError("take_place=False needs auto_walk=True: take then walks to the object")
         # only the tools the setting needs: every schema is ~50 tokens of a small model's context
         optional = [(self.look, not show_room), (self.go, not auto_walk), (self.open, closed)]
         super().__init__(tools=[Tool(function_schema(fn, fn.__name__), fn) for fn, wanted in optional if wanted])
+        if not take_place:
+            self.replace_tool(Tool(function_schema(self.take_in_sight, "take"), self.take_in_sight))
         self.kinds, self.objects, self.closed, self.auto_walk, self.show_room, self.max_actions = (
             kinds, objects, closed, auto_walk, show_room, max_actions)
+        self.take_place = take_place
         kwargs = {"kinds": kinds, "objects": objects, "closed": closed, "auto_walk": auto_walk,
-                  "show_room": show_room, "max_actions": max_actions}
+                  "show_room": show_room, "max_actions": max_actions, "take_place": take_place}
         # Results record the distribution, not just the generator, when the defaults are changed.
-        shown = ",".join(f"{k}={'+'.join(v) if k == 'kinds' else v}" for k, v in kwargs.items())
+        # take_place joined later: versions written before it existed stay the same when it is left on.
+        shown = ",".join(f"{k}={'+'.join(v) if k == 'kinds' else v}" for k, v in kwargs.items()
+                         if k != "take_place" or not v)
         self.task_version = self.version if kwargs == DEFAULTS else f"{self.version}({shown})"
         self.state: dict[str, Any] = {}
 
@@ -250,6 +265,24 @@ class HouseholdEnv(ToolEnvironment):
             raise ToolError(f"there is no {quote(wanted)} {self._inside(place)}; {self._contents(place)}")
         found["place"], self.state["holding"] = "hand", found
         return f"You take the {describe(found)} from the {quote(place)}."
+
+    def take_in_sight(self, object: str) -> str:
+        """Take an object; you walk to where it is.
+
+        Args:
+            object: object name.
+        """
+        wanted = normalize(object)
+        if self.state["holding"] is not None:
+            raise ToolError(f"you already hold {article(describe(self.state['holding']))}; put it somewhere first")
+        seen = [o for o in self.state["objects"] if o["type"] == wanted and o["place"] in PLACES
+                and o["place"] not in self.state["closed"]]
+        if not seen:
+            raise ToolError(f"there is no {quote(wanted)} in sight; {room(self.state)}")
+        # For "two", an object already where the goal wants it stays there.
+        goal = self.task.data["goal"]
+        found = next((o for o in seen if o["place"] != goal["place"]), seen[0])
+        return self.take(wanted, found["place"])
 
     @tool
     def put(self, object: str, place: str) -> str:
@@ -351,7 +384,8 @@ class HouseholdEnv(ToolEnvironment):
         verb = next((v for v, s in RESULT_STATE.items() if s == goal["state"]), None)
         for source in sources:
             visit(source)
-            calls.append(ToolCall("take", {"object": goal["type"], "place": source}))
+            where_from = {"place": source} if self.take_place else {}
+            calls.append(ToolCall("take", {"object": goal["type"], **where_from}))
             if verb:
                 visit(TREATMENTS[verb], open_it=False)
                 calls.append(ToolCall(verb, {"object": goal["type"]}))

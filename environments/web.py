@@ -9,7 +9,9 @@ WebShop, scores the order the site recorded against the instruction.
 from __future__ import annotations
 
 import itertools
+import json
 import random
+import re
 import weakref
 from typing import Any
 
@@ -29,12 +31,14 @@ LIMITS = tuple(range(20, 100, 10))  # "under N dollars"
 TEMPLATES = ("Buy a {item}.", "I need a {item}. Please buy it.", "Find a {item} and buy it.",
              "Please purchase a {item}.")
 TOOLS = ("search", "click", "back", "read")
+CLICK_BY = ("id", "text")
+ELEMENT = re.compile(r'\[(\d+)\] (\w+) ("(?:[^"\\]|\\.)*")')  # '[17] link "red shirt $24"', as RENDER_JS writes it
 MAX_QUERY_CHARS = 100
 MAX_DRAWS = 1000
 DEFAULTS = {"products": 12, "attributes": 2, "options": 2, "price_limit": True, "page_size": 4, "cart": True,
-            "phrasing": "varied", "tools": TOOLS}
+            "phrasing": "varied", "tools": TOOLS, "click": "id"}
 EASY = {"products": 3, "attributes": 1, "options": 1, "price_limit": False, "page_size": 5, "cart": False,
-        "phrasing": "plain", "tools": ("search", "click")}
+        "phrasing": "quoted", "tools": ("search", "click"), "click": "text"}
 
 
 
@@ -73,8 +77,14 @@ class WebShopEnv(ToolEnvironment):
         price_limit: the instruction sets a price limit ("under 40 dollars") and some near misses break it.
         page_size: search results per page (more results are on Next pages).
         cart: buy through "Add to cart" and the cart's Checkout; otherwise a Buy button on the product page.
-        phrasing: "varied" (four instruction templates) or "plain" (one).
+        phrasing: "varied" (four instruction templates), "plain" (one) or "quoted" (one, with every value the
+            model types in double quotes, 'Buy a "red" "shirt" in size "m".': a byte-level BPE reads ` shirt`
+            after a space and `shirt` after a quote, as in a call's JSON, as different tokens).
         tools: the tools offered, a subset of ("search", "click", "back", "read") with search and click.
+        click: "id" (``click(id)``, the page shows element ids) or "text" (``click(text)`` by the element's
+            label or its first words, e.g. "red shirt", "m", "Buy", as WebShop's ``click[...]``; pages are
+            shown without ids). With "text" a small model copies the words of the instruction instead of
+            looking up a number that stands before them on the page.
     """
 
     name = "web"
@@ -85,7 +95,7 @@ class WebShopEnv(ToolEnvironment):
 
     def __init__(self, products: int = 12, attributes: int = 2, options: int = 2, price_limit: bool = True,
                  page_size: int = 4, cart: bool = True, phrasing: str = "varied",
-                 tools: tuple[str, ...] = TOOLS) -> None:
+                 tools: tuple[str, ...] = TOOLS, click: str = "id") -> None:
         tools = tuple(tools)  # configs may pass a list
         if not 1 <= attributes <= len(ATTRIBUTES):
             raise ValueError(f"attributes must be 1..{len(ATTRIBUTES)}, got {attributes}")
@@ -95,19 +105,28 @@ class WebShopEnv(ToolEnvironment):
             raise ValueError(f"products must be 2..40, got {products}")
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
-        if phrasing not in ("varied", "plain"):
-            raise ValueError(f"phrasing must be 'varied' or 'plain', got {phrasing!r}")
+        if phrasing not in ("varied", "plain", "quoted"):
+            raise ValueError(f"phrasing must be 'varied', 'plain' or 'quoted', got {phrasing!r}")
         if not {"search", "click"} <= set(tools) <= set(TOOLS):
             raise ValueError(f"tools must include search and click, within {TOOLS}, got {tools}")
+        if click not in CLICK_BY:
+            raise ValueError(f"click must be one of {CLICK_BY}, got {click!r}")
         tools = tuple(name for name in TOOLS if name in tools)  # one spelling per set, for the version
         extra = [Tool(function_schema(getattr(self, name), name), getattr(self, name))
                  for name in TOOLS if name in tools and name not in ("search", "click")]
         super().__init__(tools=extra)
+        if click == "text":
+            self.replace_tool(Tool(function_schema(self.click_text, "click"), self.click_text))
+            self.system_prompt = ("Shop on the website: search, click the product and its options by their text, "
+                                  "then buy.")
+        self.click_by = click
         self.products, self.attributes, self.options, self.price_limit = products, attributes, options, price_limit
         self.page_size, self.cart, self.phrasing = page_size, cart, phrasing
         kwargs = {"products": products, "attributes": attributes, "options": options, "price_limit": price_limit,
-                  "page_size": page_size, "cart": cart, "phrasing": phrasing, "tools": tools}
-        shown = ",".join(f"{k}={'+'.join(v) if k == 'tools' else v}" for k, v in kwargs.items())
+                  "page_size": page_size, "cart": cart, "phrasing": phrasing, "tools": tools, "click": click}
+        # click joined later: versions written before it existed stay the same when it is left at "id".
+        shown = ",".join(f"{k}={'+'.join(v) if k == 'tools' else v}" for k, v in kwargs.items()
+                         if k != "click" or v != "id")
         self.task_version = self.version if kwargs == DEFAULTS else f"{self.version}({shown})"
         self.key = next(_env_keys)
         self.site: ShopSite | None = None
@@ -161,15 +180,33 @@ class WebShopEnv(ToolEnvironment):
             id: the number in brackets before the element, e.g. 3 for [3].
         """
         async def act(page: Any) -> None:
-            from playwright.async_api import TimeoutError as ClickTimeout
-
-            target = page.locator(f'[data-eid="{id}"]')
-            if await target.count() == 0:
+            if await page.locator(f'[data-eid="{id}"]').count() == 0:
                 raise ToolError(f"no element [{id}] on this page")
-            try:
-                await target.first.click()
-            except ClickTimeout:  # covered, disabled or moving: the model's mistake, not the browser's
-                raise ToolError(f"element [{id}] cannot be clicked") from None
+            await _click_element(page, id, f"element [{id}]")
+
+        return self._browse(act)
+
+    def click_text(self, text: str) -> str:
+        """Click a link or button of the page by its text, e.g. a product, an option or "Buy".
+
+        Args:
+            text: the element's text, or its first words, e.g. "red shirt" for "red shirt $24".
+        """
+        wanted = " ".join(text.lower().split())
+        if not wanted:
+            raise ToolError("the text is empty")
+
+        async def act(page: Any) -> None:
+            elements = [(int(eid), json.loads(label)) for eid, kind, label in ELEMENT.findall(
+                await page.evaluate(RENDER_JS)) if kind != "textbox"]
+            labels = [(eid, " ".join(label.lower().split())) for eid, label in elements]
+            found = ([eid for eid, label in labels if label == wanted]
+                     or [eid for eid, label in labels if label.startswith(wanted + " ")])
+            if len(found) != 1:
+                shown = ", ".join(json.dumps(label) for _, label in elements)
+                problem = "no element has" if not found else f"{len(found)} elements have"
+                raise ToolError(f"{problem} the text {json.dumps(text)}; you can click: {shown}")
+            await _click_element(page, found[0], f"the element with the text {json.dumps(text)}")
 
         return self._browse(act)
 
@@ -202,6 +239,8 @@ class WebShopEnv(ToolEnvironment):
         url, text = host.call(host.with_page, self.key, run)
         if url != self.history[-1]:
             self.history.append(url)
+        if self.click_by == "text":
+            text = re.sub(r"\[\d+\] ", "", text)
         orders = self.site.orders(self.sid)
         if orders:
             reward = score_order(orders[0], self.task.data["goal"])
@@ -226,19 +265,20 @@ class WebShopEnv(ToolEnvironment):
         return Task(env=self.name, split=split, index=index, prompt=prompt, data={"goal": goal, "shop": shop},
                     version=self.task_version)
 
-    def _request(self, goal: dict) -> str:
-        item = " ".join([*goal["attrs"].values(), goal["category"]])
+    def _request(self, goal: dict, quoted: bool = False) -> str:
+        q = (lambda word: f'"{word}"') if quoted else (lambda word: word)  # noqa: E731
+        item = " ".join(q(word) for word in [*goal["attrs"].values(), goal["category"]])
         if "size" in goal["options"]:
-            item += f" in size {goal['options']['size']}"
+            item += f" in size {q(goal['options']['size'])}"
         if "fit" in goal["options"]:
-            item += f" with a {goal['options']['fit']} fit"
+            item += f" with a {q(goal['options']['fit'])} fit"
         if goal["max_price"] is not None:
             item += f" under {goal['max_price']} dollars"
         return item
 
     def _prompt(self, goal: dict, rng: random.Random) -> str:
         template = rng.choice(TEMPLATES) if self.phrasing == "varied" else TEMPLATES[0]
-        return template.format(item=self._request(goal))
+        return template.format(item=self._request(goal, quoted=self.phrasing == "quoted"))
 
     def _shop(self, goal: dict, rng: random.Random) -> dict:
         """The wanted product and near misses, each wrong in one thing, plus products of other kinds."""
@@ -292,8 +332,20 @@ class WebShopEnv(ToolEnvironment):
         goal, shop = task.data["goal"], task.data["shop"]
         found = search_products(shop["products"], goal["category"])
         target = next(p for p in found if score_order([{**p, "options": goal["options"]}], goal) == 1.0)
+        pages = found.index(target) // shop["page_size"]
+        if self.click_by == "text":
+            # The fewest first words of the product's link that no other link of its results page starts with:
+            # the colour alone when it tells the products apart, the whole title and price when a near miss
+            # over the price limit has the same title.
+            shown = found[pages * shop["page_size"]:(pages + 1) * shop["page_size"]]
+            label = f'{target["title"]} ${target["price"]}'.split()
+            others = [f'{p["title"]} ${p["price"]}'.split() for p in shown if p is not target]
+            words = next(n for n in range(1, len(label) + 1) if all(o[:n] != label[:n] for o in others))
+            clicks = ["Next"] * pages + [" ".join(label[:words]), *goal["options"].values()]
+            clicks += ["Add to cart", "Checkout"] if shop["cart"] else ["Buy"]
+            return [ToolCall("search", {"query": goal["category"]}), *(ToolCall("click", {"text": t}) for t in clicks)]
         calls = [ToolCall("search", {"query": goal["category"]})]
-        calls += [ToolCall("click", {"id": shop["eids"]["next"]})] * (found.index(target) // shop["page_size"])
+        calls += [ToolCall("click", {"id": shop["eids"]["next"]})] * pages
         calls.append(ToolCall("click", {"id": target["eid"]}))
         calls += [ToolCall("click", {"id": target["option_eids"][k][v]}) for k, v in goal["options"].items()]
         calls.append(ToolCall("click", {"id": target["buy_eid"]}))
@@ -303,6 +355,15 @@ class WebShopEnv(ToolEnvironment):
 
 
 _env_keys = itertools.count(1)
+
+
+async def _click_element(page: Any, eid: int, name: str) -> None:
+    from playwright.async_api import TimeoutError as ClickTimeout
+
+    try:
+        await page.locator(f'[data-eid="{eid}"]').first.click()
+    except ClickTimeout:  # covered, disabled or moving: the model's mistake, not the browser's
+        raise ToolError(f"{name} cannot be clicked") from None
 
 
 def _cleanup(site: ShopSite, key: int) -> None:

@@ -14,17 +14,18 @@ from agentrl.envs.sessions import EnvService
 from agentrl.rollout.chat import ChatFormat
 from agentrl.rollout.traces import oracle_conversation
 from agentrl.types import Task, ToolCall
-from environments.household import KINDS, HouseholdEnv
+from environments.household import EASY, KINDS, HouseholdEnv
 from tests.env_checks import (
     assert_oracle_solves, assert_served_like_in_process, assert_tasks_identical_across_processes, play
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 PATH = "environments.household:HouseholdEnv"
-EASY = {"kinds": ["place", "clean", "heat", "cool"], "objects": 2, "closed": False, "auto_walk": True,
-        "show_room": True, "max_actions": 6}
-SETTINGS = [{}, EASY, {"closed": True, "auto_walk": True}, {"closed": False, "auto_walk": False, "objects": 0},
-            {"kinds": ["two"], "objects": 15, "show_room": True}]
+# The easy preset before take_place: the model reads where the object is from the room description.
+EASY_LOOKUP = {**EASY, "take_place": True}
+SETTINGS = [{}, EASY, EASY_LOOKUP, {"closed": True, "auto_walk": True},
+            {"closed": False, "auto_walk": False, "objects": 0}, {"kinds": ["two"], "objects": 15, "show_room": True},
+            {"kinds": ["two", "clean"], "objects": 15, "closed": True, "auto_walk": True, "take_place": False}]
 
 
 def call(name, **arguments):
@@ -47,16 +48,23 @@ def test_oracle_solves_the_whole_test_split(kwargs):
     assert all(len(results) <= env.max_actions for results in assert_oracle_solves(env, tasks))
 
 
-def test_easy_preset_is_short_and_single_token():
-    env = HouseholdEnv(**EASY)
-    assert {t["function"]["name"] for t in env.tools()} == {"take", "put", "clean", "heat", "cool"}
+@pytest.mark.parametrize("kwargs", [EASY, EASY_LOOKUP], ids=["easy", "easy_lookup"])
+def test_easy_preset_is_short_and_single_token(kwargs):
+    env = HouseholdEnv(**kwargs)
+    assert [t["function"]["name"] for t in env.tools()] == ["clean", "cool", "heat", "put", "take"]
+    take_arguments = env.tools()[-1]["function"]["parameters"]["properties"]
+    assert list(take_arguments) == (["object", "place"] if kwargs["take_place"] else ["object"])
     for task in env.tasks("train", 100):
         calls = env.oracle(task)
         assert 2 <= len(calls) <= 3 and calls[0].name == "take"
         source = next(o["place"] for o in task.data["objects"] if o["type"] == task.data["goal"]["type"])
         assert f'"{source}": ' in task.prompt  # where the object is, is in the prompt
         assert all(" " not in value for c in calls for value in c.arguments.values())  # one word each
-        conversation = oracle_conversation(HouseholdEnv(**EASY), task)
+        goal_sentence = task.prompt.split(" You are at ")[0]
+        copied = [value for c in calls for value in c.arguments.values()]
+        # without take_place every argument is a word of the goal sentence; with it, take's place is not
+        assert [f'"{v}"' in goal_sentence for v in copied].count(False) == (1 if kwargs["take_place"] else 0)
+        conversation = oracle_conversation(HouseholdEnv(**kwargs), task)
         assert all(len(m["content"].split()) <= 30 for m in conversation.messages if m["role"] == "tool")
 
 
@@ -64,8 +72,8 @@ def test_copied_names_are_the_same_tokens_in_the_prompt_and_the_call(tokenizer):
     # A small model copies a name from its context into a call far sooner when the context shows it as the
     # same token ids as the call's JSON does ('"mug' after a quote, not ' mug' after a space): names are quoted.
     chat = ChatFormat(tokenizer)
-    for task in HouseholdEnv(**EASY).tasks("test", 20):
-        env = HouseholdEnv(**EASY)
+    for task in HouseholdEnv(**EASY_LOOKUP).tasks("test", 20):
+        env = HouseholdEnv(**EASY_LOOKUP)
         messages = env.reset(task)
         for c in env.oracle(task):
             context = chat.prompt_ids(messages, env.tools())
@@ -84,13 +92,18 @@ def test_tasks_are_deterministic_and_varied():
     assert len({json.dumps(t.data, sort_keys=True) for t in tasks}) == 300
     assert all(t.version == "household-v1" for t in tasks)
     assert HouseholdEnv(**EASY).task_version == ("household-v1(kinds=place+clean+heat+cool,objects=2,closed=False,"
-                                                 "auto_walk=True,show_room=True,max_actions=6)")
+                                                 "auto_walk=True,show_room=True,max_actions=6,take_place=False)")
+    # take_place came later: left on, it does not change the versions written before it
+    assert HouseholdEnv(**EASY_LOOKUP).task_version == ("household-v1(kinds=place+clean+heat+cool,objects=2,"
+                                                        "closed=False,auto_walk=True,show_room=True,max_actions=6)")
+    assert HouseholdEnv(take_place=True).task_version == "household-v1"
+    assert HouseholdEnv(**EASY).tasks("test", 30) != HouseholdEnv(**EASY_LOOKUP).tasks("test", 30)
     assert {t["function"]["name"] for t in HouseholdEnv().tools()} == {"look", "go", "open", "take", "put", "clean",
                                                                        "heat", "cool"}
 
 
 def test_tasks_identical_across_processes():
-    assert_tasks_identical_across_processes("environments.household:HouseholdEnv", [{}, EASY], 30)
+    assert_tasks_identical_across_processes("environments.household:HouseholdEnv", [{}, EASY, EASY_LOOKUP], 30)
 
 
 @pytest.mark.parametrize("kwargs", [{}, EASY], ids=["defaults", "easy"])
@@ -154,6 +167,38 @@ def test_rewards_come_from_the_final_state():
     result = play(env, task, [call("take", object="soup", place="fridge"), call("heat", object="soup"),
                               call("look"), call("look")])[-1]
     assert result.reward == 0.5 and "You are out of actions." in result.observation
+
+
+def test_take_without_a_place_walks_to_the_object_in_sight():
+    env = HouseholdEnv(kinds=["two"], closed=True, auto_walk=True, take_place=False, max_actions=10)
+    two = {"type": "apple", "place": "fridge", "state": None, "count": 2}
+    task = custom_task(env, two, [("apple", "table"), ("apple", "drawer"), ("cup", "shelf")], closed=["drawer"])
+    results = play(env, task, [
+        call("take", object="apple", place="table"), call("take", object="cup"),
+        call("put", object="cup", place="sink"),
+        call("take", object="apples"), call("put", object="apple", place="fridge"),
+        call("take", object="apple"), call("open", place="drawer"), call("take", object="apple"),
+        call("put", object="apple", place="fridge")])
+    assert [r.observation for r in results] == [
+        "Error: take got unknown argument(s) ['place']; it takes ['object']",
+        'You take the "cup" from the "shelf".',
+        'You put the "cup" in the "sink".',
+        'You take the "apple" from the "table".',
+        'You put the "apple" in the "fridge".',
+        # the apple already in the fridge is in sight, but the goal wants it there: only that one is left
+        'You take the "apple" from the "fridge".',
+        'You open the "drawer". "drawer": "apple".',
+        'Error: you already hold an "apple"; put it somewhere first',
+        'You put the "apple" in the "fridge".']
+    assert not env.done  # one apple back in the fridge, the other still in the closed drawer
+    results = play(env, task, [call("take", object="apple"), call("put", object="apple", place="fridge"),
+                               call("open", place="drawer"), call("take", object="apple"),
+                               call("put", object="apple", place="fridge")])
+    assert results[3].observation == 'You take the "apple" from the "drawer".'  # not the one in the fridge
+    assert results[-1].done and results[-1].reward == 1.0 and env.info["success"]
+    assert play(env, task, [call("take", object="egg")])[0].observation == (
+        'Error: there is no "egg" in sight; You are at the door. "table": "apple". "shelf": "cup". '
+        '"drawer": closed. You hold nothing.')
 
 
 def test_closed_places_and_walking():
@@ -237,6 +282,8 @@ def test_constructor_checks_its_arguments():
     for bad in ({"kinds": []}, {"kinds": ["fly"]}, {"objects": -1}, {"objects": 16}, {"max_actions": 0}):
         with pytest.raises(ValueError):
             HouseholdEnv(**bad)
+    with pytest.raises(ValueError, match="take_place=False needs auto_walk=True"):
+        HouseholdEnv(take_place=False)
     assert isinstance(make_env(PATH, **EASY), HouseholdEnv)
 
 

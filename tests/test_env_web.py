@@ -11,6 +11,7 @@ import concurrent.futures
 import gc
 import json
 import os
+import re
 import shutil
 import time
 import urllib.error
@@ -32,8 +33,10 @@ from tests.env_checks import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = [pytest.param({}, id="default"), pytest.param(EASY, id="easy")]
-SLOW_DEFAULT = [pytest.param({}, id="default", marks=pytest.mark.slow), pytest.param(EASY, id="easy")]
+# the easy preset before session 12: unquoted instructions, and the model copies element ids
+EASY_IDS = {**EASY, "click": "id", "phrasing": "plain"}
+SETTINGS = [pytest.param({}, id="default"), pytest.param(EASY, id="easy"), pytest.param(EASY_IDS, id="easy_ids")]
+SLOW_DEFAULT = [pytest.param({}, id="default", marks=pytest.mark.slow), pytest.param(EASY_IDS, id="easy_ids")]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_tasks_are_deterministic_and_varied(kwargs):
 
 
 def test_tasks_identical_across_processes():
-    assert_tasks_identical_across_processes("environments.web:WebShopEnv", [{}, EASY], 20)
+    assert_tasks_identical_across_processes("environments.web:WebShopEnv", [{}, EASY, EASY_IDS], 20)
 
 
 @pytest.mark.parametrize("kwargs", SETTINGS)
@@ -80,16 +83,30 @@ def test_settings_shape_tasks_and_version():
     assert WebShopEnv().task_version == "web-v1"
     easy = WebShopEnv(**EASY)
     assert easy.task_version == ("web-v1(products=3,attributes=1,options=1,price_limit=False,page_size=5,"
-                                 "cart=False,phrasing=plain,tools=search+click)")
+                                 "cart=False,phrasing=quoted,tools=search+click,click=text)")
+    # click came later: left at "id", it does not change the versions written before it
+    assert WebShopEnv(**EASY_IDS).task_version == ("web-v1(products=3,attributes=1,options=1,price_limit=False,"
+                                                   "page_size=5,cart=False,phrasing=plain,tools=search+click)")
+    assert WebShopEnv(click="id").task_version == "web-v1"
+    # how the model clicks and the quotes change the tool, the system prompt and the instruction's quotes,
+    # not what is asked or the shop
+    by_ids = WebShopEnv(**EASY_IDS)
+    assert [(t.prompt, t.data) for t in by_ids.tasks("test", 10)] == [(t.prompt.replace('"', ""), t.data)
+                                                                      for t in easy.tasks("test", 10)]
     assert [t["function"]["name"] for t in easy.tools()] == ["click", "search"]
+    assert list(easy.tools()[0]["function"]["parameters"]["properties"]) == ["text"]
+    assert list(by_ids.tools()[0]["function"]["parameters"]["properties"]) == ["id"]
+    assert "text" in easy.system_prompt and "ids" in by_ids.system_prompt
     assert sorted(t["function"]["name"] for t in WebShopEnv().tools()) == ["back", "click", "read", "search"]
     task = easy.task_at("train", 0)
-    assert task.prompt == f"Buy a {task.data['goal']['attrs']['colour']} {task.data['goal']['category']} in " \
-                          f"size {task.data['goal']['options']['size']}."
+    goal = task.data["goal"]
+    assert task.prompt == f'Buy a "{goal["attrs"]["colour"]}" "{goal["category"]}" in size "{goal["options"]["size"]}".'
+    full = WebShopEnv(phrasing="quoted").task_at("train", 0)
+    assert re.fullmatch(r'Buy a "\w+" "\w+" "\w+" in size "\w+" with a "\w+" fit under \d+ dollars\.', full.prompt)
     assert len(task.data["shop"]["products"]) == 3 and task.version == easy.task_version
     assert WebShopEnv(**{**EASY, "tools": ["click", "search"]}).tasks("train", 5) == easy.tasks("train", 5)
     for bad in ({"attributes": 3}, {"options": 3}, {"products": 1}, {"page_size": 0}, {"phrasing": "poem"},
-                {"tools": ["click"]}, {"tools": ["search", "click", "type"]}):
+                {"tools": ["click"]}, {"tools": ["search", "click", "type"]}, {"click": "label"}):
         with pytest.raises(ValueError):
             WebShopEnv(**bad)
 
@@ -177,7 +194,7 @@ def test_oracle_solves_the_whole_test_split(browser, kwargs):
 
 
 def test_easy_episode_reads_as_compact_text(browser):
-    env = WebShopEnv(**EASY)
+    env = WebShopEnv(**EASY_IDS)
     task = env.task_at("test", 0)
     goal, shop = task.data["goal"], task.data["shop"]
     target = next(p for p in shop["products"] if p["title"] == f"{goal['attrs']['colour']} {goal['category']}")
@@ -189,6 +206,73 @@ def test_easy_episode_reads_as_compact_text(browser):
     assert f'[{target["option_eids"]["size"][size]}] link "{size}" (selected)' in results[2].observation
     assert results[2].observation.endswith(f'[{target["buy_eid"]}] button "Buy"')
     assert len(env.oracle(task)) == 4 and all(len(r.observation) < 200 for r in results)
+    env.close()
+
+
+def test_clicks_by_text_copy_the_instruction_and_pages_show_no_ids(browser):
+    env = WebShopEnv(**EASY)
+    for task in env.tasks("test", 3):
+        goal = task.data["goal"]
+        calls = env.oracle(task)
+        # every argument is a quoted word of the instruction (the colour tells the products apart), or "Buy"
+        assert [c.arguments for c in calls] == [
+            {"query": goal["category"]}, {"text": goal["attrs"]["colour"]}, {"text": goal["options"]["size"]},
+            {"text": "Buy"}]
+        assert all(f'"{value}"' in task.prompt for c in calls[:-1] for value in c.arguments.values())
+        results = play(env, task, calls)
+        assert not any(re.search(r"\[\d+\]", r.observation) for r in results)
+        assert results[-1].done and results[-1].reward == 1.0 and env.info["success"]
+        assert results[1].observation.endswith('button "Buy"') and f'link "{goal["options"]["size"]}"' in \
+            results[1].observation
+    env.close()
+
+
+def test_click_by_text_rewards_and_errors(browser):
+    env = WebShopEnv(**EASY)
+    task = env.task_at("test", 4)
+    goal, shop = task.data["goal"], task.data["shop"]
+    target = next(p for p in shop["products"] if score_order([{**p, "options": goal["options"]}], goal) == 1.0)
+    other = next(p for p in search_products(shop["products"], goal["category"]) if p is not target)
+    wrong_size = next(v for v in target["options"]["size"] if v != goal["options"]["size"])
+    text = lambda words: ToolCall("click", {"text": words})  # noqa: E731
+    search = ToolCall("search", {"query": goal["category"]})
+    cases = [  # (calls, reward): any case, extra spaces and the full label also find the element
+        ([search, text(f'{target["title"]} ${target["price"]}'), text(goal["options"]["size"]), text("buy")], 1.0),
+        ([search, text("  " + target["title"].upper()), text(wrong_size), text("Buy")], 0.5),
+        ([search, text(target["title"]), text("Buy")], 0.5),  # no size chosen
+        ([search, text(other["title"]), text("Buy")], 0.0),  # a near miss, wrong colour, no size
+    ]
+    for calls, reward in cases:
+        results = play(env, task, calls)
+        assert results[-1].done and results[-1].reward == reward and not any(r.done for r in results[:-1]), calls
+        assert all(not r.observation.startswith("Error") for r in results), calls
+    env.reset(task)
+    listing = env.step(search).observation
+    # a prefix in the middle of a word, an element of another page, a number, nothing: errors that list the choices
+    for words in ("blu", "Buy", "3", goal["category"] + " $"):
+        shown = env.step(text(words)).observation
+        assert shown.startswith(f'Error: no element has the text "{words}"; you can click: "'), shown
+        assert all(f'"{label}"' in shown for label in re.findall(r'link "([^"]*)"', listing)), shown
+    assert env.step(text("")).observation == "Error: the text is empty"
+    assert env.step(ToolCall("click", {"id": 3})).observation == (
+        "Error: click got unknown argument(s) ['id']; it takes ['text']")
+    assert not env.done and env.info["tool_errors"] == 6
+    env.close()
+    # two links share the title when a near miss is over the price limit: the title alone is ambiguous
+    env = WebShopEnv(products=12, attributes=1, options=0, price_limit=True, page_size=12, click="text")
+    for task in env.tasks("train", 40):
+        goal = task.data["goal"]
+        products = search_products(task.data["shop"]["products"], goal["category"])
+        title = f'{goal["attrs"]["colour"]} {goal["category"]}'
+        if sum(p["title"] == title for p in products) > 1:
+            break
+    else:
+        pytest.fail("no shop with two products of the goal's title in 40 tasks")
+    env.reset(task)
+    env.step(ToolCall("search", {"query": goal["category"]}))
+    ambiguous = env.step(text(title)).observation
+    assert re.match(rf'Error: [2-9] elements have the text "{title}"; you can click: ', ambiguous), ambiguous
+    assert play(env, task, env.oracle(task))[-1].reward == 1.0
     env.close()
 
 
@@ -254,7 +338,7 @@ def test_cart_checkout_with_extras_and_an_empty_cart(browser):
 
 
 def test_reward_comes_from_the_sites_record_of_the_order(browser):
-    env = WebShopEnv(**EASY)
+    env = WebShopEnv(**EASY_IDS)
     task = env.task_at("test", 2)
     env.reset(task)
     target = next(p for p in task.data["shop"]["products"] if p["eid"] == env.oracle(task)[1].arguments["id"])

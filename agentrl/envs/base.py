@@ -130,6 +130,13 @@ class ToolEnvironment:
             added[item.name] = item
         self._tools = added
 
+    def replace_tool(self, item: Tool) -> None:
+        """Offer ``item`` in place of the tool of the same name, keeping the tools' order (for a setting that
+        changes what a tool takes, e.g. clicking by label instead of by id)."""
+        if item.name not in self._tools:
+            raise ValueError(f"{type(self).__name__}: there is no tool {item.name!r} to replace")
+        self._tools = {name: item if name == item.name else old for name, old in self._tools.items()}
+
     # --- episode side -------------------------------------------------------------------------
     def tools(self) -> list[ToolSpec]:
         return [item.spec for item in self._tools.values()]
