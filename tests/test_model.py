@@ -58,7 +58,11 @@ def test_a_model_built_by_an_older_agentrl_is_refused_not_reused(micro_model_dir
     old = tmp_path / "old"
     shutil.copytree(micro_model_dir, old)
     (old / BUILD_STAMP).unlink()  # what format 1 left behind
-    with pytest.raises(RuntimeError, match="older agentrl.*format 1"):
+    # no stamp: format 1, or a checkpoint no tiny-model build wrote (SFT's output is the common case)
+    with pytest.raises(RuntimeError, match="older agentrl.*format 1.*SFT output.*model.build: null"):
+        ensure_base_model(ModelConfig(path=str(old), build="tiny"))
+    (old / BUILD_STAMP).write_text(json.dumps({"format": 99}))
+    with pytest.raises(RuntimeError, match="older agentrl.*format 99"):
         ensure_base_model(ModelConfig(path=str(old), build="tiny"))
     assert ensure_base_model(ModelConfig(path=str(old), build=None)) == old  # a user's own model: used as is
 

@@ -29,7 +29,12 @@ def ensure_base_model(config: ModelConfig, env_names: list[str] | None = None) -
     if (path / "config.json").exists():
         if config.build is not None:
             stamp = path / BUILD_STAMP
-            built = json.loads(stamp.read_text()) if stamp.exists() else {"format": 1}
+            if not stamp.exists():  # format 1 wrote none, and neither does SFT or a merge
+                raise RuntimeError(
+                    f"{path} has no stamp of an `agentrl tiny-model` build: an older agentrl built it (tiny-model "
+                    f"format 1; this version builds format {BUILD_FORMAT}), or it is another kind of checkpoint (an "
+                    "SFT output, say). Delete it to rebuild, or set model.build: null to use it as it is.")
+            built = json.loads(stamp.read_text())
             if built.get("format") != BUILD_FORMAT:
                 raise RuntimeError(
                     f"{path} was built by an older agentrl (tiny-model format {built.get('format')}; this version "
