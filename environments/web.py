@@ -239,8 +239,8 @@ class WebShopEnv(ToolEnvironment):
         url, text = host.call(host.with_page, self.key, run)
         if url != self.history[-1]:
             self.history.append(url)
-        if self.click_by == "text":
-            text = re.sub(r"\[\d+\] ", "", text)
+        if self.click_by == "text":  # only the ids RENDER_JS writes, not a "[3] " the page's text holds
+            text = re.sub(r'\[\d+\] (?=(?:link|button|textbox|checkbox|radio|combobox) ")', "", text)
         orders = self.site.orders(self.sid)
         if orders:
             reward = score_order(orders[0], self.task.data["goal"])

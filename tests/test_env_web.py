@@ -254,6 +254,8 @@ def test_click_by_text_rewards_and_errors(browser):
         assert shown.startswith(f'Error: no element has the text "{words}"; you can click: "'), shown
         assert all(f'"{label}"' in shown for label in re.findall(r'link "([^"]*)"', listing)), shown
     assert env.step(text("")).observation == "Error: the text is empty"
+    # the page's own text keeps its brackets; only the element ids are left out
+    assert env.step(ToolCall("search", {"query": "[12] shirt"})).observation.startswith('Results for "[12] shirt"')
     assert env.step(ToolCall("click", {"id": 3})).observation == (
         "Error: click got unknown argument(s) ['id']; it takes ['text']")
     assert not env.done and env.info["tool_errors"] == 6
