@@ -240,7 +240,7 @@ class WebShopEnv(ToolEnvironment):
         if url != self.history[-1]:
             self.history.append(url)
         if self.click_by == "text":  # only the ids RENDER_JS writes, not a "[3] " the page's text holds
-            text = re.sub(r'\[\d+\] (?=(?:link|button|textbox|checkbox|radio|combobox) ")', "", text)
+            text = ELEMENT.sub(r"\2 \3", text)
         orders = self.site.orders(self.sid)
         if orders:
             reward = score_order(orders[0], self.task.data["goal"])
@@ -266,7 +266,7 @@ class WebShopEnv(ToolEnvironment):
                     version=self.task_version)
 
     def _request(self, goal: dict, quoted: bool = False) -> str:
-        q = (lambda word: f'"{word}"') if quoted else (lambda word: word)  # noqa: E731
+        q = '"{}"'.format if quoted else str
         item = " ".join(q(word) for word in [*goal["attrs"].values(), goal["category"]])
         if "size" in goal["options"]:
             item += f" in size {q(goal['options']['size'])}"
