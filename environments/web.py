@@ -32,13 +32,14 @@ TEMPLATES = ("Buy a {item}.", "I need a {item}. Please buy it.", "Find a {item} 
              "Please purchase a {item}.")
 TOOLS = ("search", "click", "back", "read")
 CLICK_BY = ("id", "text")
+PHRASINGS = ("varied", "plain", "quoted", "title")
 ELEMENT = re.compile(r'\[(\d+)\] (\w+) ("(?:[^"\\]|\\.)*")')  # '[17] link "red shirt $24"', as RENDER_JS writes it
 MAX_QUERY_CHARS = 100
 MAX_DRAWS = 1000
 DEFAULTS = {"products": 12, "attributes": 2, "options": 2, "price_limit": True, "page_size": 4, "cart": True,
             "phrasing": "varied", "tools": TOOLS, "click": "id"}
 EASY = {"products": 3, "attributes": 1, "options": 1, "price_limit": False, "page_size": 5, "cart": False,
-        "phrasing": "quoted", "tools": ("search", "click"), "click": "text"}
+        "phrasing": "title", "tools": ("search", "click"), "click": "text"}
 
 
 
@@ -77,9 +78,11 @@ class WebShopEnv(ToolEnvironment):
         price_limit: the instruction sets a price limit ("under 40 dollars") and some near misses break it.
         page_size: search results per page (more results are on Next pages).
         cart: buy through "Add to cart" and the cart's Checkout; otherwise a Buy button on the product page.
-        phrasing: "varied" (four instruction templates), "plain" (one) or "quoted" (one, with every value the
+        phrasing: "varied" (four instruction templates), "plain" (one), "quoted" (one, with every value the
             model types in double quotes, 'Buy a "red" "shirt" in size "m".': a byte-level BPE reads ` shirt`
-            after a space and `shirt` after a quote, as in a call's JSON, as different tokens).
+            after a space and `shirt` after a quote, as in a call's JSON, as different tokens) or "title" (one,
+            with the product's whole title quoted as one phrase, 'Buy a "red shirt" in size "m".'; the oracle
+            then searches for the title and clicks it by its text, so one quoted phrase is copied twice).
         tools: the tools offered, a subset of ("search", "click", "back", "read") with search and click.
         click: "id" (``click(id)``, the page shows element ids) or "text" (``click(text)`` by the element's
             label or its first words, e.g. "red shirt", "m", "Buy", as WebShop's ``click[...]``; pages are
@@ -105,8 +108,8 @@ class WebShopEnv(ToolEnvironment):
             raise ValueError(f"products must be 2..40, got {products}")
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
-        if phrasing not in ("varied", "plain", "quoted"):
-            raise ValueError(f"phrasing must be 'varied', 'plain' or 'quoted', got {phrasing!r}")
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
         if not {"search", "click"} <= set(tools) <= set(TOOLS):
             raise ValueError(f"tools must include search and click, within {TOOLS}, got {tools}")
         if click not in CLICK_BY:
@@ -265,9 +268,11 @@ class WebShopEnv(ToolEnvironment):
         return Task(env=self.name, split=split, index=index, prompt=prompt, data={"goal": goal, "shop": shop},
                     version=self.task_version)
 
-    def _request(self, goal: dict, quoted: bool = False) -> str:
+    def _request(self, goal: dict, quoted: str = "") -> str:
+        """What is asked, in words; ``quoted``: "quoted" puts each value in double quotes, "title" the title."""
         q = '"{}"'.format if quoted else str
-        item = " ".join(q(word) for word in [*goal["attrs"].values(), goal["category"]])
+        words = [*goal["attrs"].values(), goal["category"]]
+        item = q(" ".join(words)) if quoted == "title" else " ".join(q(word) for word in words)
         if "size" in goal["options"]:
             item += f" in size {q(goal['options']['size'])}"
         if "fit" in goal["options"]:
@@ -278,7 +283,8 @@ class WebShopEnv(ToolEnvironment):
 
     def _prompt(self, goal: dict, rng: random.Random) -> str:
         template = rng.choice(TEMPLATES) if self.phrasing == "varied" else TEMPLATES[0]
-        return template.format(item=self._request(goal, quoted=self.phrasing == "quoted"))
+        quoted = self.phrasing if self.phrasing in ("quoted", "title") else ""
+        return template.format(item=self._request(goal, quoted=quoted))
 
     def _shop(self, goal: dict, rng: random.Random) -> dict:
         """The wanted product and near misses, each wrong in one thing, plus products of other kinds."""
@@ -330,21 +336,26 @@ class WebShopEnv(ToolEnvironment):
 
     def oracle(self, task: Task) -> list[ToolCall]:
         goal, shop = task.data["goal"], task.data["shop"]
-        found = search_products(shop["products"], goal["category"])
+        # With the title quoted the oracle searches for all of it (the wanted product comes first) and clicks
+        # it by the whole title; otherwise it searches for the category.
+        title = " ".join([*goal["attrs"].values(), goal["category"]])
+        query = title if self.phrasing == "title" else goal["category"]
+        found = search_products(shop["products"], query)
         target = next(p for p in found if score_order([{**p, "options": goal["options"]}], goal) == 1.0)
         pages = found.index(target) // shop["page_size"]
         if self.click_by == "text":
-            # The fewest first words of the product's link that no other link of its results page starts with:
-            # the colour alone when it tells the products apart, the whole title and price when a near miss
-            # over the price limit has the same title.
+            # The fewest first words of the product's link that no other link of its results page starts with
+            # (at least the whole title when the instruction quotes it): the colour alone when it tells the
+            # products apart, the title and price when a near miss over the price limit has the same title.
             shown = found[pages * shop["page_size"]:(pages + 1) * shop["page_size"]]
             label = f'{target["title"]} ${target["price"]}'.split()
             others = [f'{p["title"]} ${p["price"]}'.split() for p in shown if p is not target]
-            words = next(n for n in range(1, len(label) + 1) if all(o[:n] != label[:n] for o in others))
+            fewest = len(title.split()) if self.phrasing == "title" else 1
+            words = next(n for n in range(fewest, len(label) + 1) if all(o[:n] != label[:n] for o in others))
             clicks = ["Next"] * pages + [" ".join(label[:words]), *goal["options"].values()]
             clicks += ["Add to cart", "Checkout"] if shop["cart"] else ["Buy"]
-            return [ToolCall("search", {"query": goal["category"]}), *(ToolCall("click", {"text": t}) for t in clicks)]
-        calls = [ToolCall("search", {"query": goal["category"]})]
+            return [ToolCall("search", {"query": query}), *(ToolCall("click", {"text": t}) for t in clicks)]
+        calls = [ToolCall("search", {"query": query})]
         calls += [ToolCall("click", {"id": shop["eids"]["next"]})] * pages
         calls.append(ToolCall("click", {"id": target["eid"]}))
         calls += [ToolCall("click", {"id": target["option_eids"][k][v]}) for k, v in goal["options"].items()]

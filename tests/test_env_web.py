@@ -35,7 +35,12 @@ from tests.env_checks import (
 ROOT = Path(__file__).resolve().parents[1]
 # the easy preset before session 12: unquoted instructions, and the model copies element ids
 EASY_IDS = {**EASY, "click": "id", "phrasing": "plain"}
-SETTINGS = [pytest.param({}, id="default"), pytest.param(EASY, id="easy"), pytest.param(EASY_IDS, id="easy_ids")]
+# session 12's easy preset: every value quoted on its own; the oracle searches the category, clicks the colour
+EASY_QUOTED = {**EASY, "phrasing": "quoted"}
+# the whole title quoted, at the default settings: price near misses share the title, results run to Next pages
+TITLE = {"phrasing": "title", "click": "text"}
+SETTINGS = [pytest.param({}, id="default"), pytest.param(EASY, id="easy"), pytest.param(EASY_IDS, id="easy_ids"),
+            pytest.param(EASY_QUOTED, id="easy_quoted"), pytest.param(TITLE, id="title")]
 SLOW_DEFAULT = [pytest.param({}, id="default", marks=pytest.mark.slow), pytest.param(EASY_IDS, id="easy_ids")]
 
 
@@ -67,7 +72,7 @@ def test_tasks_are_deterministic_and_varied(kwargs):
 
 
 def test_tasks_identical_across_processes():
-    assert_tasks_identical_across_processes("environments.web:WebShopEnv", [{}, EASY, EASY_IDS], 20)
+    assert_tasks_identical_across_processes("environments.web:WebShopEnv", [{}, EASY, EASY_IDS, EASY_QUOTED], 20)
 
 
 @pytest.mark.parametrize("kwargs", SETTINGS)
@@ -83,7 +88,8 @@ def test_settings_shape_tasks_and_version():
     assert WebShopEnv().task_version == "web-v1"
     easy = WebShopEnv(**EASY)
     assert easy.task_version == ("web-v1(products=3,attributes=1,options=1,price_limit=False,page_size=5,"
-                                 "cart=False,phrasing=quoted,tools=search+click,click=text)")
+                                 "cart=False,phrasing=title,tools=search+click,click=text)")
+    assert WebShopEnv(**EASY_QUOTED).task_version == easy.task_version.replace("=title", "=quoted")
     # click came later: left at "id", it does not change the versions written before it
     assert WebShopEnv(**EASY_IDS).task_version == ("web-v1(products=3,attributes=1,options=1,price_limit=False,"
                                                    "page_size=5,cart=False,phrasing=plain,tools=search+click)")
@@ -100,9 +106,14 @@ def test_settings_shape_tasks_and_version():
     assert sorted(t["function"]["name"] for t in WebShopEnv().tools()) == ["back", "click", "read", "search"]
     task = easy.task_at("train", 0)
     goal = task.data["goal"]
-    assert task.prompt == f'Buy a "{goal["attrs"]["colour"]}" "{goal["category"]}" in size "{goal["options"]["size"]}".'
+    assert task.prompt == f'Buy a "{goal["attrs"]["colour"]} {goal["category"]}" in size "{goal["options"]["size"]}".'
+    quoted = WebShopEnv(**EASY_QUOTED).task_at("train", 0)
+    assert quoted.prompt == f'Buy a "{goal["attrs"]["colour"]}" "{goal["category"]}" in size "{goal["options"]["size"]}".'
+    assert quoted.data == task.data  # the quotes change the words around what is asked, not the task
     full = WebShopEnv(phrasing="quoted").task_at("train", 0)
     assert re.fullmatch(r'Buy a "\w+" "\w+" "\w+" in size "\w+" with a "\w+" fit under \d+ dollars\.', full.prompt)
+    full = WebShopEnv(phrasing="title").task_at("train", 0)
+    assert re.fullmatch(r'Buy a "\w+ \w+ \w+" in size "\w+" with a "\w+" fit under \d+ dollars\.', full.prompt)
     assert len(task.data["shop"]["products"]) == 3 and task.version == easy.task_version
     assert WebShopEnv(**{**EASY, "tools": ["click", "search"]}).tasks("train", 5) == easy.tasks("train", 5)
     for bad in ({"attributes": 3}, {"options": 3}, {"products": 1}, {"page_size": 0}, {"phrasing": "poem"},
@@ -209,21 +220,43 @@ def test_easy_episode_reads_as_compact_text(browser):
     env.close()
 
 
-def test_clicks_by_text_copy_the_instruction_and_pages_show_no_ids(browser):
-    env = WebShopEnv(**EASY)
+@pytest.mark.parametrize("kwargs", [pytest.param(EASY, id="easy"), pytest.param(EASY_QUOTED, id="easy_quoted")])
+def test_clicks_by_text_copy_the_instruction_and_pages_show_no_ids(browser, kwargs):
+    env = WebShopEnv(**kwargs)
     for task in env.tasks("test", 3):
         goal = task.data["goal"]
+        title = f'{goal["attrs"]["colour"]} {goal["category"]}'
         calls = env.oracle(task)
-        # every argument is a quoted word of the instruction (the colour tells the products apart), or "Buy"
-        assert [c.arguments for c in calls] == [
-            {"query": goal["category"]}, {"text": goal["attrs"]["colour"]}, {"text": goal["options"]["size"]},
-            {"text": "Buy"}]
+        # every argument is a quoted phrase of the instruction, or "Buy": the title, searched for and clicked,
+        # or (each value quoted alone) the category searched for and the colour that tells the products apart
+        product = [{"query": title}, {"text": title}] if kwargs is EASY else [{"query": goal["category"]},
+                                                                               {"text": goal["attrs"]["colour"]}]
+        assert [c.arguments for c in calls] == [*product, {"text": goal["options"]["size"]}, {"text": "Buy"}]
         assert all(f'"{value}"' in task.prompt for c in calls[:-1] for value in c.arguments.values())
         results = play(env, task, calls)
         assert not any(re.search(r"\[\d+\]", r.observation) for r in results)
         assert results[-1].done and results[-1].reward == 1.0 and env.info["success"]
+        if kwargs is EASY:  # all of the title finds the wanted product first
+            assert results[0].observation.splitlines()[1].startswith(f'link "{title} $')
         assert results[1].observation.endswith('button "Buy"') and f'link "{goal["options"]["size"]}"' in \
             results[1].observation
+    env.close()
+
+
+def test_title_oracle_clicks_title_and_price_when_a_near_miss_shares_the_title(browser):
+    env = WebShopEnv(products=12, attributes=1, options=0, price_limit=True, page_size=12, cart=False,
+                     phrasing="title", click="text")
+    for task in env.tasks("train", 40):
+        goal = task.data["goal"]
+        title = f'{goal["attrs"]["colour"]} {goal["category"]}'
+        if sum(p["title"] == title for p in task.data["shop"]["products"]) > 1:
+            break
+    else:
+        pytest.fail("no shop with two products of the goal's title in 40 tasks")
+    calls = env.oracle(task)
+    target = next(p for p in task.data["shop"]["products"] if p["title"] == title and p["price"] < goal["max_price"])
+    assert [c.arguments for c in calls] == [{"query": title}, {"text": f'{title} ${target["price"]}'}, {"text": "Buy"}]
+    assert play(env, task, calls)[-1].reward == 1.0 and env.info["success"]
     env.close()
 
 

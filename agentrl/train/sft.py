@@ -22,7 +22,8 @@ from agentrl.train.prefix import head_split
 from agentrl.train.setup import EnvSuite
 
 DONE_MARKER = "sft_done.json"
-ORACLE_THREADS = 4  # episodes of a blocking environment played at once while building the SFT set
+ORACLE_THREADS = 8  # episodes of a blocking environment played at once while building the SFT set (web, 2-core
+# CPU: 0.49 s a trace with 8, 0.57 s with 4, 0.66 s with 2; the browser waits more than it computes)
 
 
 def oracle_dataset(suite: EnvSuite, examples_per_env: int | dict[str, int], start: int | dict[str, int] = 0,
