@@ -268,11 +268,11 @@ class WebShopEnv(ToolEnvironment):
         return Task(env=self.name, split=split, index=index, prompt=prompt, data={"goal": goal, "shop": shop},
                     version=self.task_version)
 
-    def _request(self, goal: dict, quoted: str = "") -> str:
-        """What is asked, in words; ``quoted``: "quoted" puts each value in double quotes, "title" the title."""
-        q = '"{}"'.format if quoted else str
+    def _request(self, goal: dict, phrasing: str = "plain") -> str:
+        """What is asked, in words, with the quotes of ``phrasing`` ("quoted": each value, "title": the title)."""
+        q = '"{}"'.format if phrasing in ("quoted", "title") else str
         words = [*goal["attrs"].values(), goal["category"]]
-        item = q(" ".join(words)) if quoted == "title" else " ".join(q(word) for word in words)
+        item = q(" ".join(words)) if phrasing == "title" else " ".join(q(word) for word in words)
         if "size" in goal["options"]:
             item += f" in size {q(goal['options']['size'])}"
         if "fit" in goal["options"]:
@@ -283,8 +283,7 @@ class WebShopEnv(ToolEnvironment):
 
     def _prompt(self, goal: dict, rng: random.Random) -> str:
         template = rng.choice(TEMPLATES) if self.phrasing == "varied" else TEMPLATES[0]
-        quoted = self.phrasing if self.phrasing in ("quoted", "title") else ""
-        return template.format(item=self._request(goal, quoted=quoted))
+        return template.format(item=self._request(goal, self.phrasing))
 
     def _shop(self, goal: dict, rng: random.Random) -> dict:
         """The wanted product and near misses, each wrong in one thing, plus products of other kinds."""

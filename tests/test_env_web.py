@@ -229,14 +229,15 @@ def test_clicks_by_text_copy_the_instruction_and_pages_show_no_ids(browser, kwar
         calls = env.oracle(task)
         # every argument is a quoted phrase of the instruction, or "Buy": the title, searched for and clicked,
         # or (each value quoted alone) the category searched for and the colour that tells the products apart
-        product = [{"query": title}, {"text": title}] if kwargs is EASY else [{"query": goal["category"]},
-                                                                               {"text": goal["attrs"]["colour"]}]
+        by_title = kwargs["phrasing"] == "title"
+        product = ([{"query": title}, {"text": title}] if by_title
+                   else [{"query": goal["category"]}, {"text": goal["attrs"]["colour"]}])
         assert [c.arguments for c in calls] == [*product, {"text": goal["options"]["size"]}, {"text": "Buy"}]
         assert all(f'"{value}"' in task.prompt for c in calls[:-1] for value in c.arguments.values())
         results = play(env, task, calls)
         assert not any(re.search(r"\[\d+\]", r.observation) for r in results)
         assert results[-1].done and results[-1].reward == 1.0 and env.info["success"]
-        if kwargs is EASY:  # all of the title finds the wanted product first
+        if by_title:  # all of the title finds the wanted product first
             assert results[0].observation.splitlines()[1].startswith(f'link "{title} $')
         assert results[1].observation.endswith('button "Buy"') and f'link "{goal["options"]["size"]}"' in \
             results[1].observation
