@@ -20,7 +20,7 @@ from agentrl.envs.schema import function_schema
 from agentrl.envs.tools import Tool, ToolError
 from agentrl.types import Message, Task, ToolCall
 from environments.web_browser import RENDER_JS, browser_host, release_page
-from environments.web_shop_site import ShopSite, search_products
+from environments.web_shop_site import ShopSite, link_text, search_products
 
 CATEGORIES = ("shirt", "hat", "coat", "dress", "scarf", "skirt", "jacket", "sweater")
 COLOURS = ("red", "blue", "green", "black", "white", "pink", "gray", "brown")
@@ -41,6 +41,11 @@ DEFAULTS = {"products": 12, "attributes": 2, "options": 2, "price_limit": True, 
 EASY = {"products": 3, "attributes": 1, "options": 1, "price_limit": False, "page_size": 5, "cart": False,
         "phrasing": "title", "tools": ("search", "click"), "click": "text"}
 
+
+
+def title_of(item: dict) -> str:
+    """A product's title, or the title a goal asks for: its attributes, then its category ("red shirt")."""
+    return " ".join([*item["attrs"].values(), item["category"]])
 
 
 def score_order(items: list[dict], goal: dict) -> float:
@@ -271,8 +276,7 @@ class WebShopEnv(ToolEnvironment):
     def _request(self, goal: dict, phrasing: str = "plain") -> str:
         """What is asked, in words, with the quotes of ``phrasing`` ("quoted": each value, "title": the title)."""
         q = '"{}"'.format if phrasing in ("quoted", "title") else str
-        words = [*goal["attrs"].values(), goal["category"]]
-        item = q(" ".join(words)) if phrasing == "title" else " ".join(q(word) for word in words)
+        item = q(title_of(goal)) if phrasing == "title" else " ".join(q(word) for word in title_of(goal).split())
         if "size" in goal["options"]:
             item += f" in size {q(goal['options']['size'])}"
         if "fit" in goal["options"]:
@@ -327,7 +331,7 @@ class WebShopEnv(ToolEnvironment):
         eids = iter(rng.sample(range(1, 100 if needed < 60 else 1000), needed))
         for pid, item in enumerate(catalogue, 1):
             item["pid"] = pid
-            item["title"] = " ".join([*item["attrs"].values(), item["category"]])
+            item["title"] = title_of(item)
             item["eid"], item["buy_eid"] = next(eids), next(eids)
             item["option_eids"] = {name: {v: next(eids) for v in values} for name, values in item["options"].items()}
         return {"products": catalogue, "page_size": self.page_size, "cart": self.cart,
@@ -337,7 +341,7 @@ class WebShopEnv(ToolEnvironment):
         goal, shop = task.data["goal"], task.data["shop"]
         # With the title quoted the oracle searches for all of it (the wanted product comes first) and clicks
         # it by the whole title; otherwise it searches for the category.
-        title = " ".join([*goal["attrs"].values(), goal["category"]])
+        title = title_of(goal)
         query = title if self.phrasing == "title" else goal["category"]
         found = search_products(shop["products"], query)
         target = next(p for p in found if score_order([{**p, "options": goal["options"]}], goal) == 1.0)
@@ -347,8 +351,8 @@ class WebShopEnv(ToolEnvironment):
             # (at least the whole title when the instruction quotes it): the colour alone when it tells the
             # products apart, the title and price when a near miss over the price limit has the same title.
             shown = found[pages * shop["page_size"]:(pages + 1) * shop["page_size"]]
-            label = f'{target["title"]} ${target["price"]}'.split()
-            others = [f'{p["title"]} ${p["price"]}'.split() for p in shown if p is not target]
+            label = link_text(target).split()
+            others = [link_text(p).split() for p in shown if p is not target]
             fewest = len(title.split()) if self.phrasing == "title" else 1
             words = next(n for n in range(fewest, len(label) + 1) if all(o[:n] != label[:n] for o in others))
             clicks = ["Next"] * pages + [" ".join(label[:words]), *goal["options"].values()]

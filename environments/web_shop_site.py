@@ -49,6 +49,11 @@ def search_products(products: list[dict], query: str) -> list[dict]:
     return [product for *_, product in sorted(scored, key=lambda item: item[:2])]
 
 
+def link_text(product: dict) -> str:
+    """A product's link on a results page, as it reads: title and price, e.g. "red shirt $24"."""
+    return f'{product["title"]} ${product["price"]}'
+
+
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
@@ -232,8 +237,8 @@ def _results(visit: _Visit, base: str, query: str, page: str) -> str:
     number = min(max(int(page), 1), pages) if _number(page) else 1
     shown = found[(number - 1) * size: number * size]
     head = f"Results for &quot;{_e(query)}&quot;" + (f" (page {number} of {pages})" if pages > 1 else "")
-    items = "".join(f'<li><a href="{base}/item/{p["pid"]}" data-eid="{p["eid"]}">{_e(p["title"])} '
-                    f'${p["price"]}</a></li>' for p in shown)
+    items = "".join(f'<li><a href="{base}/item/{p["pid"]}" data-eid="{p["eid"]}">{_e(link_text(p))}</a></li>'
+                    for p in shown)
     links, eids, q = [], visit.shop["eids"], _e(query)
     if number > 1:
         links.append(f'<a href="{base}/search?{_e(urlencode({"q": query, "page": number - 1}))}" '

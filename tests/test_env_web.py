@@ -220,6 +220,16 @@ def test_easy_episode_reads_as_compact_text(browser):
     env.close()
 
 
+def shop_with_a_shared_title(env):
+    """A train task whose shop has a near miss over the price limit with the wanted title, and that title."""
+    for task in env.tasks("train", 40):
+        goal = task.data["goal"]
+        title = f'{goal["attrs"]["colour"]} {goal["category"]}'
+        if sum(p["title"] == title for p in task.data["shop"]["products"]) > 1:
+            return task, title
+    pytest.fail("no shop with two products of the goal's title in 40 tasks")
+
+
 @pytest.mark.parametrize("kwargs", [pytest.param(EASY, id="easy"), pytest.param(EASY_QUOTED, id="easy_quoted")])
 def test_clicks_by_text_copy_the_instruction_and_pages_show_no_ids(browser, kwargs):
     env = WebShopEnv(**kwargs)
@@ -247,13 +257,8 @@ def test_clicks_by_text_copy_the_instruction_and_pages_show_no_ids(browser, kwar
 def test_title_oracle_clicks_title_and_price_when_a_near_miss_shares_the_title(browser):
     env = WebShopEnv(products=12, attributes=1, options=0, price_limit=True, page_size=12, cart=False,
                      phrasing="title", click="text")
-    for task in env.tasks("train", 40):
-        goal = task.data["goal"]
-        title = f'{goal["attrs"]["colour"]} {goal["category"]}'
-        if sum(p["title"] == title for p in task.data["shop"]["products"]) > 1:
-            break
-    else:
-        pytest.fail("no shop with two products of the goal's title in 40 tasks")
+    task, title = shop_with_a_shared_title(env)
+    goal = task.data["goal"]
     calls = env.oracle(task)
     target = next(p for p in task.data["shop"]["products"] if p["title"] == title and p["price"] < goal["max_price"])
     assert [c.arguments for c in calls] == [{"query": title}, {"text": f'{title} ${target["price"]}'}, {"text": "Buy"}]
@@ -296,16 +301,9 @@ def test_click_by_text_rewards_and_errors(browser):
     env.close()
     # two links share the title when a near miss is over the price limit: the title alone is ambiguous
     env = WebShopEnv(products=12, attributes=1, options=0, price_limit=True, page_size=12, click="text")
-    for task in env.tasks("train", 40):
-        goal = task.data["goal"]
-        products = search_products(task.data["shop"]["products"], goal["category"])
-        title = f'{goal["attrs"]["colour"]} {goal["category"]}'
-        if sum(p["title"] == title for p in products) > 1:
-            break
-    else:
-        pytest.fail("no shop with two products of the goal's title in 40 tasks")
+    task, title = shop_with_a_shared_title(env)
     env.reset(task)
-    env.step(ToolCall("search", {"query": goal["category"]}))
+    env.step(ToolCall("search", {"query": task.data["goal"]["category"]}))
     ambiguous = env.step(text(title)).observation
     assert re.match(rf'Error: [2-9] elements have the text "{title}"; you can click: ', ambiguous), ambiguous
     assert play(env, task, env.oracle(task))[-1].reward == 1.0
