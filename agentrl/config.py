@@ -64,6 +64,10 @@ class SFTConfig:
     weight_decay: float = 0.0
     max_length: int = 1024
     fused_lm_head: bool = False  # trl's chunked loss kernel: saves memory on large vocabularies, slow on CPU
+    # > 0: each batch draws its conversations from one band of this many tokens of length (bands in random
+    # order, a band's conversations shuffled), so short traces are not padded to the longest in a random batch.
+    # 0: plain shuffled batches. Mixed environments differ a lot in length; docs/multitask.md has the saving.
+    length_band: int = 0
     # Early stop for a warm start: > 0 ends SFT once, in every environment, at least this fraction of held-out
     # oracle episodes (train-split tasks the SFT data does not use) is reproduced token for token by greedy
     # teacher-forced decoding. Checked every `eval_every` steps on `eval_examples` episodes per environment.
@@ -73,6 +77,10 @@ class SFTConfig:
     # Environments whose oracle traces join the warm start's data only: GRPO and evaluation use `envs`. A broader
     # mix can teach a from-scratch model skills (reading, copying) that `envs` alone do not within the budget.
     extra_envs: list[EnvConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.length_band < 0:
+            raise ConfigError(f"sft.length_band must be >= 0 tokens (0: plain shuffled batches), got {self.length_band}")
 
 
 @dataclass

@@ -84,6 +84,53 @@ def test_oracle_accuracy_counts_episodes_with_every_scored_token_right():
     assert oracle_accuracy(_Replay(16, wrong), [batch]) == pytest.approx(2 / 3)
 
 
+def test_length_bands_batch_conversations_of_about_one_length_in_a_fresh_order_each_epoch():
+    from agentrl.train.sft import LengthBandSampler
+
+    lengths = [300 + (i * 37) % 330 for i in range(64)]  # 300..629 tokens: bands 2, 3 and 4 of 128
+    sampler = LengthBandSampler(lengths, batch_size=4, band=128, seed=0)
+    epochs = [list(sampler) for _ in range(2)]
+    for order in epochs:
+        assert sorted(order) == list(range(64))  # every conversation once
+        bands = [{lengths[i] // 128 for i in order[j:j + 4]} for j in range(0, 64, 4)]
+        # only where one band's conversations run out does a batch hold two bands
+        assert sum(len(b) > 1 for b in bands) <= 2 and max(map(len, bands)) <= 2
+        firsts = [min(b) for b in bands]
+        assert firsts != sorted(firsts)  # the batches themselves come in random order, not by length
+    assert epochs[0] != epochs[1]
+    again = LengthBandSampler(lengths, batch_size=4, band=128, seed=0)
+    again.set_epoch(1)
+    assert list(again) == epochs[1]  # the same order on every process for the same epoch
+    padded = sum(max(lengths[i] for i in epochs[0][j:j + 4]) * 4 for j in range(0, 64, 4))
+    shuffled = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
+    padded_random = sum(max(lengths[i] for i in shuffled[j:j + 4]) * 4 for j in range(0, 64, 4))
+    assert padded < padded_random
+
+
+def test_sft_trains_on_length_banded_batches(micro_model_dir, tmp_path):
+    from agentrl.train.sft import DONE_MARKER, LengthBandSampler, run_sft
+
+    recipe = _sft_recipe(tmp_path, micro_model_dir, "--sft.length_band=16")
+    run_sft(micro_model_dir, tmp_path / "sft", build_envs(recipe), recipe.sft, 0)
+    summary = json.loads((tmp_path / "sft" / DONE_MARKER).read_text())
+    assert summary["steps"] == 4 and summary["settings"]["sft"]["length_band"] == 16
+    with pytest.raises(ConfigError, match="sft.length_band"):
+        load_recipe(None, ["--sft.length_band=-1"])
+    dataset = oracle_dataset(build_envs(recipe), 4)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    args = SFTConfig(output_dir=str(tmp_path / "t"), assistant_only_loss=True, per_device_train_batch_size=2,
+                     use_cpu=True, bf16=False, report_to=[])
+    trainer = _trainer_class(False, 16)(model=AutoModelForCausalLM.from_pretrained(micro_model_dir), args=args,
+                                        train_dataset=dataset,
+                                        processing_class=AutoTokenizer.from_pretrained(micro_model_dir))
+    loader = trainer.get_train_dataloader()
+    assert isinstance(loader.batch_sampler.sampler, LengthBandSampler)
+    bands = [{int(n) // 16 for n in batch["attention_mask"].sum(1)} for batch in loader]
+    assert len(bands) == 4 and sum(len(b) > 1 for b in bands) <= 1  # calculator and lookup traces differ
+
+
 def _sft_recipe(tmp_path, micro_model_dir, *extra):
     return load_recipe(None, [f"--model.path={micro_model_dir}", "--envs=[{name: calculator}, {name: lookup}]",
                               "--sft.examples_per_env=4", "--sft.batch_size=2", "--sft.epochs=1",

@@ -192,18 +192,67 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+class LengthBandSampler(torch.utils.data.Sampler):
+    """Shuffled indices in which every run of ``batch_size`` holds conversations of about one length.
+
+    Each epoch: shuffle, order by length band (``length // band``; the shuffle stays the order inside a band),
+    cut into batches, shuffle the batches. A batch is padded to its longest conversation, so mixing a 313-token
+    trace with a 620-token one in a random batch nearly doubles the short one's cost; banding keeps batches of
+    every band in random order and each band's environments mixed. Every process draws the same order
+    (seeded by ``seed`` and the epoch), as the batch sharding of a distributed run needs.
+
+    Example:
+        >>> sampler = LengthBandSampler([10, 300, 12, 310, 11, 305], batch_size=3, band=128, seed=0)
+        >>> order = list(sampler)
+        >>> sorted(sorted(order[i:i + 3]) for i in (0, 3))
+        [[0, 2, 4], [1, 3, 5]]
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, band: int, seed: int) -> None:
+        if band < 1 or batch_size < 1:
+            raise ValueError(f"band ({band}) and batch_size ({batch_size}) must be positive")
+        self.lengths, self.batch_size, self.band, self.seed = list(lengths), batch_size, band, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1  # a trainer that never calls set_epoch still gets a new order each epoch
+        shuffled = torch.randperm(len(self.lengths), generator=generator).tolist()
+        banded = sorted(shuffled, key=lambda i: self.lengths[i] // self.band)  # stable: random within a band
+        batches = [banded[i:i + self.batch_size] for i in range(0, len(banded), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield from batches[b]
+
+
 # Batch keys the lean loss knows how to pass on; anything else (packing's position ids, ...) takes the plain path.
 _LEAN_INPUTS = {"input_ids", "attention_mask", "labels"}
 
 
-def _trainer_class(fused_lm_head: bool):
+def _trainer_class(fused_lm_head: bool, length_band: int = 0):
     from transformers import Trainer
     from trl import SFTTrainer
 
-    if fused_lm_head:
-        return SFTTrainer
+    class BandedSFTTrainer(SFTTrainer):
+        """trl's SFTTrainer, with batches of about one length when ``length_band`` > 0 (:class:`LengthBandSampler`)."""
 
-    class LeanLossSFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if not length_band:
+                return super()._get_train_sampler(train_dataset)
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            return LengthBandSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                     length_band, self.args.seed)
+
+    if fused_lm_head:
+        return BandedSFTTrainer
+
+    class LeanLossSFTTrainer(BandedSFTTrainer):
         """trl's SFTTrainer, with the loss computed only where there is one: the assistant tokens.
 
         trl computes the loss through a chunked, fused lm-head kernel that saves memory on large vocabularies.
@@ -275,7 +324,7 @@ def run_sft(base_dir: Path, output_dir: Path, suite: EnvSuite, config: SFTConfig
         # learning to copy (it had not emerged after 600 steps) and the second only costs time.
         bf16=False, gradient_checkpointing=False,
     )
-    trainer_class = _trainer_class(config.fused_lm_head)
+    trainer_class = _trainer_class(config.fused_lm_head, config.length_band)
     # Held-out sets go in as eval datasets so trl tokenizes them exactly like the training data; the trainer
     # never evaluates them itself (eval_strategy stays "no"), the early-stop callback does.
     eval_sets = validation_sets(suite, config) if config.stop_at_accuracy > 0 else None
