@@ -136,12 +136,22 @@ class RolloutConfig:
     # a group more than this many adapter versions behind the trainer is dropped (counted). 0 = synchronous.
     max_staleness: int = 0
     max_inflight: int = 256  # episodes running at once (a GRPO group starts whole)
+    # > 0: sample environments where GRPO still learns. Each environment's weight is scaled by the running
+    # fraction of its groups whose rewards differ (all-success and all-failure groups carry no gradient), never
+    # below this floor; `informative_momentum` is how far one step moves that estimate. 0: fixed weights.
+    informative_floor: float = 0.0
+    informative_momentum: float = 0.3
 
     def __post_init__(self) -> None:
         if self.max_staleness < 0:
             raise ConfigError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.generation_threads < 0:
             raise ConfigError(f"rollout.generation_threads must be >= 0, got {self.generation_threads}")
+        if not 0.0 <= self.informative_floor <= 1.0:
+            raise ConfigError(f"rollout.informative_floor must be in [0, 1] (0: fixed weights), "
+                              f"got {self.informative_floor}")
+        if not 0.0 < self.informative_momentum <= 1.0:
+            raise ConfigError(f"rollout.informative_momentum must be in (0, 1], got {self.informative_momentum}")
         if self.max_inflight < self.group_size:
             raise ConfigError(f"rollout.max_inflight={self.max_inflight} is below rollout.group_size="
                               f"{self.group_size}: a group's episodes start together")

@@ -23,3 +23,8 @@ def random_adapter(model_dir, path, seed: int, r: int = 16):
 def token_sum_reward(trajectory: Trajectory, task: Task) -> float:
     """A reward a random-init model varies on: the sum of its sampled token ids, modulo 3."""
     return float(sum(sum(turn.completion_ids) for turn in trajectory.turns) % 3)
+
+
+def constant_reward(trajectory: Trajectory, task: Task) -> float:
+    """The same reward for every episode: no group ever has a learning signal."""
+    return 0.0

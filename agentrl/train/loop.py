@@ -79,6 +79,24 @@ class StepPlanner:
             del self._before[old]
         return self._before.get(step) or self.sampler.state_dict()
 
+    async def observe(self, groups: dict[str, tuple[int, int]]) -> None:
+        """Hand a step's informative-group counts to the sampler (run on the engine loop, as the plans are)."""
+        self.sampler.observe(groups)
+
+
+def informative_groups(records: list[dict[str, Any]], informative: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """``{env: (groups with differing rewards, groups)}`` of a step; a group with no scored episode is left out."""
+    groups: dict[int, tuple[str, bool]] = {}
+    for record, flag in zip(records, informative.tolist()):
+        if record["scored"]:
+            env, seen = groups.get(record["group"], (record["task"], False))
+            groups[record["group"]] = (env, seen or flag)
+    out: dict[str, tuple[int, int]] = {}
+    for env, flag in groups.values():
+        hits, total = out.get(env, (0, 0))
+        out[env] = (hits + flag, total + 1)
+    return out
+
 
 def rollout_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     by_task: dict[str, list[dict]] = defaultdict(list)
@@ -226,7 +244,8 @@ def _train(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, pef
     chat = ChatFormat(tokenizer)
     sampler = TaskSampler({n: (lambda i, e=e: e.task_at("train", i)) for n, e in suite.prototypes.items()},
                           {n: e.split_sizes["train"] for n, e in suite.prototypes.items()},
-                          suite.weights, seed=cfg.seed)
+                          suite.weights, seed=cfg.seed, informative_floor=rcfg.informative_floor,
+                          informative_momentum=rcfg.informative_momentum)
     task_stats = TaskAdvantageStats(recipe.algo.task_norm_momentum) if recipe.algo.task_norm else None
     first_step = 0
     checkpoint = resolve_resume(cfg.resume, output)
@@ -284,6 +303,8 @@ def _steps(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, pef
             torch.tensor([r["scored"] for r in records]), [r["task"] for r in records], task_stats,
             scale_by_std=recipe.algo.scale_by_std)
         own = [i for i, r in enumerate(records) if r["rank"] == rank]
+        if rcfg.informative_floor:  # before the next step's groups are drawn (asynchronous runs: the one after)
+            engine.run(planner.observe(informative_groups(records, informative)))
         # 3. batch: only informative episodes carry gradient
         chosen = [(trajs[k], adv[i].item()) for k, i in enumerate(own) if informative[i]]
         sequences = collate([t for t, _ in chosen], [a for _, a in chosen], tokenizer.pad_token_id)
@@ -297,7 +318,9 @@ def _steps(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, pef
         more = step + 1 < cfg.steps  # after the last step nothing new is admitted
         if asynchronous and more:  # admit the next groups now; synchronous runs wait until the step is saved
             engine.publish(step + 1)
-        metrics = {**rollout_metrics(records), **adv_stats, **update_stats, **staleness_metrics(batch, accelerator),
+        weights = {f"sampler/{name}/weight": w for name, w in planner.sampler.current_weights().items()} \
+            if rcfg.informative_floor else {}
+        metrics = {**rollout_metrics(records), **adv_stats, **weights, **update_stats, **staleness_metrics(batch, accelerator),
                    "time/sync": t_sync, "time/rollout": t1 - t0, "time/update": time.time() - t1,
                    "time/step": time.time() - t0}
         # 6. save / eval / log
