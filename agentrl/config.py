@@ -80,7 +80,8 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         if self.length_band < 0:
-            raise ConfigError(f"sft.length_band must be >= 0 tokens (0: plain shuffled batches), got {self.length_band}")
+            raise ConfigError(f"sft.length_band must be >= 0 tokens (0: plain shuffled batches), "
+                              f"got {self.length_band}")
 
 
 @dataclass

@@ -55,7 +55,8 @@ class TaskSampler:
         """Each environment's weight now: the fixed one, scaled by its informative fraction when adaptive."""
         if not self.floor:
             return dict(zip(self.names, self.weights))
-        return {name: weight * max(self.floor, self.informative[name]) for name, weight in zip(self.names, self.weights)}
+        return {name: weight * max(self.floor, self.informative[name])
+                for name, weight in zip(self.names, self.weights)}
 
     def observe(self, groups: dict[str, tuple[int, int]]) -> None:
         """Fold one step's ``{env_name: (informative groups, groups)}`` into the running estimates.

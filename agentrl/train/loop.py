@@ -320,9 +320,9 @@ def _steps(recipe: Recipe, accelerator: Accelerator, suite: EnvSuite, model, pef
             engine.publish(step + 1)
         weights = {f"sampler/{name}/weight": w for name, w in planner.sampler.current_weights().items()} \
             if rcfg.informative_floor else {}
-        metrics = {**rollout_metrics(records), **adv_stats, **weights, **update_stats, **staleness_metrics(batch, accelerator),
-                   "time/sync": t_sync, "time/rollout": t1 - t0, "time/update": time.time() - t1,
-                   "time/step": time.time() - t0}
+        metrics = {**rollout_metrics(records), **adv_stats, **weights, **update_stats,
+                   **staleness_metrics(batch, accelerator), "time/sync": t_sync, "time/rollout": t1 - t0,
+                   "time/update": time.time() - t1, "time/step": time.time() - t0}
         # 6. save / eval / log
         if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             metrics["sync/param_gap"] = gap = param_sync_gap(model, accelerator)
