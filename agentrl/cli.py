@@ -12,7 +12,7 @@ commands:
                  agentrl tiny-model --output runs/tiny-model --size tiny
   train        GRPO training from a recipe (same as `accelerate launch -m agentrl.train`)
                  agentrl train --config recipes/quickstart.yaml --train.steps=10
-  eval         held-out success on environments' test splits
+  eval         held-out success on environments' test splits (--split train: their training tasks)
                  agentrl eval --model hf --model_args pretrained=DIR,adapter=DIR --tasks calculator,lookup --limit 50
   envs         list the environments in the name table with their tools
   serve-env    serve environments' sessions over HTTP (docs/env-service.md)

@@ -74,3 +74,43 @@ def test_eval_limit_and_temperature_default_to_the_recipe(micro_model_dir, tmp_p
     results = eval_main(["--model_args", f"pretrained={micro_model_dir}", "--config", str(recipe), "--limit", "1",
                          "--temperature", "0"])
     assert results["config"]["limit"] == 1 and results["config"]["temperature"] == 0.0
+
+
+def test_eval_split_train_plays_the_tasks_sft_starts_with(micro_model_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("envs: [{name: lookup}]\nrollout: {max_new_tokens: 4, max_turns: 1}\neval: {limit: 2}\n")
+    for split in ("train", "test"):
+        out = tmp_path / split
+        results = eval_main(["--model_args", f"pretrained={micro_model_dir}", "--config", str(recipe),
+                             "--split", split, "--output_path", str(out)])
+        assert results["config"]["split"] == split
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        assert sorted(s["task"] for s in samples) == [f"lookup/{split}/0", f"lookup/{split}/1"]
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        eval_main(["--model_args", f"pretrained={micro_model_dir}", "--config", str(recipe), "--split", "dev"])
+
+
+def test_eval_tasks_rejects_an_unknown_split():
+    from agentrl.eval.runner import eval_tasks
+
+    with pytest.raises(ValueError, match="split must be one of"):
+        eval_tasks({}, 1, "validation")
+
+
+def test_compare_titles_say_which_split_and_decoding(tmp_path):
+    from agentrl.eval.compare import compare
+
+    def write(name, config):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"tasks": {"lookup": {"success": 0.5, "n": 2}}, "mean_success": 0.5,
+                                    "config": config}))
+        return str(path)
+
+    old = write("old", {"temperature": 0.0})  # written before `split` existed: a test-split eval
+    test = write("test", {"split": "test", "temperature": 0.0})
+    train = write("train", {"split": "train", "temperature": 0.0})
+    hot = write("hot", {"split": "train", "temperature": 0.7})
+    assert compare([old, test], ["A", "B"]).splitlines()[0] == "held-out success (test split, greedy)"
+    assert compare([train, train], ["A", "B"]).splitlines()[0] == "success (train split, greedy)"
+    assert compare([test, hot], ["A", "B"]).splitlines()[0] == \
+        "success (A: test split, greedy; B: train split, temperature 0.7)"

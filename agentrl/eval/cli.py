@@ -1,4 +1,4 @@
-"""``agentrl eval``: held-out success of a model (+ adapter) on environments' test splits."""
+"""``agentrl eval``: held-out success of a model (+ adapter) on environments' test splits (or train splits)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ EXAMPLE = """examples:
       --config recipes/quickstart.yaml --limit 100 --output_path runs/quickstart/eval_rl_vllm
   # or a running server that serves the model as `base` (agentrl serve-vllm, launch/vllm_server.sh)
   agentrl eval --model vllm --model_args pretrained=runs/quickstart/sft,url=http://127.0.0.1:8000 \\
-      --config recipes/quickstart.yaml --limit 100"""
+      --config recipes/quickstart.yaml --limit 100
+  # the first 50 train-split tasks, which SFT's oracle traces start with: low success here as well as on the
+  # test split means the model never fit its training tasks; high here and low there, that it does not generalize
+  agentrl eval --model hf --model_args pretrained=runs/quickstart/sft --config recipes/quickstart.yaml \\
+      --split train --limit 50"""
 
 MODEL_ARGS = {"hf": "pretrained=DIR[,adapter=DIR]", "vllm": "pretrained=DIR[,adapter=DIR][,url=http://HOST:PORT]"}
 
@@ -61,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="a training recipe: its environments, with their kwargs, are the tasks")
     parser.add_argument("--limit", type=int, default=None,
-                        help="test tasks per environment (default: the recipe's eval.limit, else all)")
+                        help="tasks per environment (default: the recipe's eval.limit, else all)")
+    parser.add_argument("--split", default="test", choices=["test", "train"],
+                        help="which split's first tasks (default: test; train: the tasks SFT's oracle traces "
+                             "start with, to tell underfitting from failing to generalize)")
     parser.add_argument("--output_path", default=None, help="directory for results.json")
     parser.add_argument("--temperature", type=float, default=None,
                         help="0 = greedy (default: the recipe's eval.temperature, else 0)")
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = load_recipe(args.config) if args.config else None
     specs = task_specs(args.tasks, recipe)
     from agentrl.envs import env_factory
-    from agentrl.eval.runner import format_table, run_eval_episodes, summarize, test_tasks
+    from agentrl.eval.runner import eval_tasks, format_table, run_eval_episodes, summarize
     from agentrl.policy.base import SamplingParams
     from agentrl.rollout.chat import ChatFormat
     from agentrl.rollout.episode import EpisodeLimits
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens or rollout.max_new_tokens,
                               temperature=temperature)
     limits = EpisodeLimits(args.max_turns or rollout.max_turns, args.max_total_tokens or rollout.max_total_tokens)
-    tasks = test_tasks(prototypes, limit)
+    tasks = eval_tasks(prototypes, limit, args.split)
 
     def make_env(env_name: str):
         return factories[env_name]()
@@ -135,8 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
         trajs = run_eval_episodes(policy, ChatFormat(tokenizer), make_env, tasks, sampling, limits)
     results = summarize([t.summary() for t in trajs])
     results["config"] = {"model": args.model, "model_args": model_args, "tasks": [list(s) for s in specs],
-                         "limit": limit, "temperature": temperature, "recipe": args.config, **served}
-    print(format_table(results, title=f"held-out success: {args.model_args}"))
+                         "limit": limit, "split": args.split, "temperature": temperature, "recipe": args.config,
+                         **served}
+    what = "held-out success" if args.split == "test" else "train-split success"
+    print(format_table(results, title=f"{what}: {args.model_args}"))
     if args.output_path:
         out = Path(args.output_path)
         out.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,26 @@ import argparse
 import json
 
 
+def setting(result: dict) -> str:
+    """'test split, greedy' from a results.json's config (files written before `split` existed are test)."""
+    config = result.get("config", {})
+    temperature = config.get("temperature", 0.0)
+    return f"{config.get('split', 'test')} split, " + ("greedy" if temperature == 0 else f"temperature {temperature}")
+
+
+def title(results: list[dict], labels: list[str]) -> str:
+    settings = [setting(r) for r in results]
+    what = "held-out success" if all(s.startswith("test ") for s in settings) else "success"
+    if len(set(settings)) == 1:
+        return f"{what} ({settings[0]})"
+    return f"{what} (" + "; ".join(f"{label}: {s}" for label, s in zip(labels, settings)) + ")"
+
+
 def compare(paths: list[str], labels: list[str]) -> str:
     results = [json.loads(open(p).read()) for p in paths]
     tasks = sorted(set().union(*(r["tasks"] for r in results)))
     head = f"{'task':<14}" + "".join(f"{label:>10}" for label in labels) + f"{'delta':>10}{'n':>6}"
-    lines = ["held-out success (test split, greedy)", head]
+    lines = [title(results, labels), head]
     for task in tasks + ["mean"]:
         values = [r["mean_success"] if task == "mean" else r["tasks"][task]["success"] for r in results]
         n = "" if task == "mean" else str(results[-1]["tasks"][task]["n"])

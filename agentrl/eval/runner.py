@@ -1,4 +1,4 @@
-"""Evaluate a policy on environments' test splits: per-task success rate, mean reward, n."""
+"""Evaluate a policy on environments' test (or train) splits: per-task success rate, mean reward, n."""
 
 from __future__ import annotations
 
@@ -12,9 +12,18 @@ from agentrl.rollout.episode import EpisodeLimits, run_episodes
 from agentrl.types import Trajectory
 
 
-def test_tasks(prototypes: dict[str, Any], limit: int | None) -> list:
-    """The first ``limit`` tasks of each environment's test split (the whole split when None)."""
-    return [task for env in prototypes.values() for task in env.tasks("test", limit)]
+SPLITS = ("test", "train")
+
+
+def eval_tasks(prototypes: dict[str, Any], limit: int | None, split: str = "test") -> list:
+    """The first ``limit`` tasks of each environment's ``split`` (the whole split when None).
+
+    The train split's first tasks are the ones an SFT warm start's oracle traces begin with, so ``"train"``
+    tells a model that never fit its training tasks from one that fits them and does not generalize.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return [task for env in prototypes.values() for task in env.tasks(split, limit)]
 
 
 def run_eval_episodes(policy: Policy, chat: ChatFormat, make_env: Callable[[str], Any], tasks: list,

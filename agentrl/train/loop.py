@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from agentrl.algo.advantages import TaskAdvantageStats, compute_advantages
 from agentrl.config import VLLM_LORA_RANKS, ConfigError, Recipe, recipe_to_dict
-from agentrl.eval.runner import summarize, test_tasks
+from agentrl.eval.runner import eval_tasks, summarize
 from agentrl.policy.base import SamplingParams
 from agentrl.policy.hf import HFPolicy
 from agentrl.policy.vllm import VLLMPolicy, VLLMServer
@@ -185,7 +185,7 @@ def sync_policy(policy, peft_model, accelerator: Accelerator, output: Path, vers
 def evaluate_policy(policy, chat: ChatFormat, suite: EnvSuite, recipe: Recipe, accelerator: Accelerator,
                     run: Callable[[Any], Any] = asyncio.run) -> dict[str, Any]:
     """Held-out success on each environment's test split, split across processes."""
-    tasks = test_tasks(suite.prototypes, recipe.eval.limit)
+    tasks = eval_tasks(suite.prototypes, recipe.eval.limit)
     mine = tasks[accelerator.process_index::accelerator.num_processes]
     sampling = SamplingParams(max_new_tokens=recipe.rollout.max_new_tokens, temperature=recipe.eval.temperature)
     limits = EpisodeLimits(recipe.rollout.max_turns, recipe.rollout.max_total_tokens)
