@@ -91,10 +91,13 @@ def test_eval_split_train_plays_the_tasks_sft_starts_with(micro_model_dir, tmp_p
 
 
 def test_eval_tasks_rejects_an_unknown_split():
+    from agentrl.envs import env_factory
     from agentrl.eval.runner import eval_tasks
 
-    with pytest.raises(ValueError, match="split must be one of"):
-        eval_tasks({}, 1, "validation")
+    env, _ = env_factory("lookup", {}, "")
+    assert [t.split for t in eval_tasks({"lookup": env}, 2, "train")] == ["train", "train"]
+    with pytest.raises(ValueError, match=r"lookup has splits \['test', 'train'\], not 'validation'"):
+        eval_tasks({"lookup": env}, 1, "validation")
 
 
 def test_compare_titles_say_which_split_and_decoding(tmp_path):
